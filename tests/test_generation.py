@@ -124,3 +124,40 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_refused(pair):
     model, _ = pair
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate(model, torch.zeros(1, 100, dtype=torch.long), max_new_tokens=100)
+
+
+def test_inverse_cdf_sampling_follows_the_probabilities():
+    from gpt2rlhf.generation import sample
+
+    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7], [0.0, 0.0, 1.0, 0.0]]).repeat(10_000, 1)
+    draws = sample(probs, torch.Generator().manual_seed(0)).view(10_000, 2)
+    freq = torch.bincount(draws[:, 0], minlength=4).float() / 10_000
+    assert torch.allclose(freq, probs[0], atol=0.015)
+    assert freq[2] == 0  # probability 0 is never drawn
+    assert (draws[:, 1] == 2).all()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_shape_decoding_for_cuda_graphs_equals_the_eager_path(pair, device):
+    """The step a CUDA graph replays (KVCache.index, whole-buffer attention): on CPU run
+    eagerly, on a GPU (when there is one) captured and replayed."""
+    model, _ = pair
+    model = model.to(device)
+    ids, mask = (t.to(device) for t in left_padded(vocab_size=VOCAB, pads=(4, 2, 0), seed=5))
+    kwargs = dict(max_new_tokens=15, eos_token_id=None)
+    eager = generate(model, ids, mask, temperature=0, cuda_graph=False, **kwargs)
+    static = generate(model, ids, mask, temperature=0, cuda_graph=True, **kwargs)
+    assert torch.equal(eager.tokens, static.tokens)
+    assert torch.allclose(eager.logprobs, static.logprobs, atol=1e-5)
+    sampled = [generate(model, ids, mask, cuda_graph=g, generator=torch.Generator(device).manual_seed(0), **kwargs)
+               for g in (False, True)]
+    assert torch.equal(sampled[0].tokens, sampled[1].tokens)
+    if device == "cuda":  # bf16, where stale cache memory once turned into NaN logits
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = generate(model, ids, mask, cuda_graph=True, max_new_tokens=15, min_new_tokens=15,
+                           eos_token_id=VOCAB - 1)
+        assert out.mask.all() and torch.isfinite(out.logprobs).all()
+    model.to("cpu")

@@ -89,7 +89,12 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` tokens, plus the padding
     mask of every cached token. Writing into a fixed buffer (no torch.cat per step) keeps
-    each decode step's cost independent of how many steps came before."""
+    each decode step's cost independent of how many steps came before.
+
+    Two ways to write: by default the new tokens go at `pos` and attention reads the
+    filled part only. With `index` set (a device tensor holding the slot of the one new
+    token), every shape is fixed: the token is written at `index` and attention reads the
+    whole buffer, unfilled slots masked out; this is what CUDA-graph decoding replays."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None):
         if max_len > config.block_size:
@@ -101,13 +106,20 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * config.n_layer
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = 0  # number of tokens already cached
+        self.index: torch.Tensor | None = None  # (1,) slot of the next token, for static-shape decoding
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hs) after the cached tokens; return all keys and values so far."""
         if self.k[layer] is None:  # allocated on first use, in the dtype autocast produced
             B, nh, _, hs = k.shape
-            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
-            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+            # zeros, not empty: a masked slot still enters the product with v (weight 0),
+            # and 0 * NaN from uninitialised memory would be NaN
+            self.k[layer] = k.new_zeros(B, nh, self.max_len, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.max_len, hs)
+        if self.index is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -198,6 +210,8 @@ class GPTBackbone(nn.Module):
 
     def forward(self, idx, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         B, T = idx.size()
+        if cache is not None and cache.index is not None:
+            return self._forward_static(idx, position_ids, cache)
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}")
@@ -218,6 +232,19 @@ class GPTBackbone(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)  # (B, T, C)
+
+    def _forward_static(self, idx, position_ids, cache: KVCache):
+        """One decode step with fixed shapes and no host sync, for CUDA-graph capture: the
+        token goes to slot cache.index, and attention reads the whole cache, whose mask is
+        False on every slot not yet written."""
+        if idx.size(1) != 1 or position_ids is None:
+            raise ValueError("static-shape decoding takes one token per row and explicit position_ids")
+        cache.mask.index_fill_(1, cache.index, True)
+        attn_mask = cache.mask[:, None, None, :]  # (B, 1, 1, max_len)
+        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, 1, C)
+        for i, block in enumerate(self.h):
+            x = block(x, attn_mask, cache, i)
+        return self.ln_f(x)
 
 
 def _init_weights(module: nn.Module, n_layer: int):

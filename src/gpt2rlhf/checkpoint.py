@@ -146,7 +146,7 @@ def load_pretrained(source: str | Path, kind: str = "lm") -> nn.Module:
         meta = read_meta(path)
         src_kind = next(iter(meta["models"].values())).get("kind")
         if src_kind == kind or len(meta["models"]) > 1:
-            return load_model(path, kind=kind)
+            return merge_lora(load_model(path, kind=kind))  # a starting point is a plain model
         if not (src_kind == "lm" and kind == "scalar"):
             load_model(path, kind=kind)  # raises the kind error
         lm = merge_lora(load_model(path, kind="lm"))

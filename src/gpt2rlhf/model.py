@@ -330,3 +330,14 @@ class GPTScalar(nn.Module):
 
 
 MODEL_CLASSES = {"lm": GPT, "scalar": GPTScalar}
+
+
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Set every dropout of a built model (embeddings, attention, residual) to p."""
+    model.config.dropout = p
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, CausalSelfAttention):
+            m.dropout = p
+    return model

@@ -1,0 +1,405 @@
+"""Data: records from the hub or local files (through `datasets`), turned into token
+examples for SFT, reward pairs and PPO prompts, with an explicit truncation policy.
+
+Formats (data.format, or guessed from the first record's fields):
+  text         {"text": ...}                              a plain document
+  labelled     {"text": ..., "label": 0|1}                 e.g. IMDB; pairs come from the labels
+  hh           {"chosen": ..., "rejected": ...}            Anthropic HH-RLHF transcripts, split
+                                                           into prompt and response at the last
+                                                           "\\n\\nAssistant:"
+  instruction  {"instruction": ..., "input": ..., "output": ...}
+
+Truncation keeps the end of a prompt (the question nearest the answer) and the start of a
+response: the prompt keeps what the response leaves of max_length, and at least
+max_prompt_length tokens; the response keeps its first tokens. A response that had to be
+cut loses its EOS. Every truncated, empty or unusable record is counted and reported;
+nothing is dropped silently, and a dataset left with no example is an error.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, DataArgs, resolve_input
+from .tokenizer import EOT_TOKEN
+
+ASSISTANT = "\n\nAssistant:"
+LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+FORMAT_FIELDS = {"hh": ("chosen", "rejected"), "instruction": ("instruction", "output")}
+
+
+class DataError(ValueError):
+    """Bad data; the message names the file, line or field."""
+
+
+# ------------------------------------------------------------------ loading records
+
+def _extension(path: Path) -> str | None:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    return suffixes[-1] if suffixes else None
+
+
+def local_files(source: str, key: str) -> list[Path] | None:
+    """The files a data source names, or None when it is a hub name."""
+    files = []
+    for part in [p.strip() for p in source.split(",") if p.strip()]:
+        resolved = resolve_input(part)
+        if any(c in part for c in "*?["):
+            matches = sorted(glob.glob(resolved))
+            if not matches:
+                raise DataError(f"{key}: no file matches '{part}'")
+            files += [Path(m) for m in matches]
+        elif Path(resolved).exists():
+            files.append(Path(resolved))
+        elif _extension(Path(part)) in LOCAL_EXTENSIONS or part.startswith((".", "/", "~")):
+            raise DataError(f"{key}: file not found: {part}")
+        else:
+            return None  # "owner/name": a hub dataset
+    for f in files:
+        if f.is_dir() or _extension(f) not in LOCAL_EXTENSIONS:
+            raise DataError(f"{key}: {f}: expected a .json, .jsonl, .jsonl.gz, .parquet, .csv or .txt file")
+    return files
+
+
+def check_json_lines(path: Path):
+    """Parse a JSON-lines file line by line, so that a malformed record is reported by file
+    and line before `datasets` sees it (its own error names neither)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        try:
+            first = f.read(1)
+            f.seek(0)
+            if first == "[":  # a JSON array (.json), not lines
+                json.load(f)
+                return
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(record).__name__}")
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        except (UnicodeDecodeError, OSError, EOFError) as e:
+            raise DataError(f"{path}: cannot be read as {'gzip ' if opener is gzip.open else ''}UTF-8 text ({e})") from None
+
+
+def load_records(source: str, key: str, split: str = "train", subset: str | None = None):
+    """A `datasets.Dataset` of records from local files or a hub dataset."""
+    import datasets
+
+    files = local_files(source, key)
+    if files is None:
+        try:
+            return datasets.load_dataset(source, data_dir=subset, split=split)
+        except Exception as e:
+            raise DataError(
+                f"{key}: could not load the hub dataset '{source}' ({type(e).__name__}: {str(e)[:200]}). "
+                f"With no network, pass local files instead, e.g. --{key} path/to/train.jsonl.gz"
+            ) from None
+    builders = {LOCAL_EXTENSIONS[_extension(f)] for f in files}
+    if len(builders) > 1:
+        raise DataError(f"{key}: mixed file types {sorted(builders)}; give files of one type")
+    builder = builders.pop()
+    if builder == "json":
+        for f in files:
+            check_json_lines(f)
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as e:
+        raise DataError(f"{key}: could not read {', '.join(map(str, files))} ({type(e).__name__}: {e})") from None
+    if len(ds) == 0:
+        raise DataError(f"{key}: {', '.join(map(str, files))} holds no records")
+    return ds
+
+
+def detect_format(columns: list[str], key: str) -> str:
+    cols = set(columns)
+    if {"chosen", "rejected"} <= cols:
+        return "hh"
+    if {"instruction", "output"} <= cols:
+        return "instruction"
+    if {"text", "label"} <= cols:
+        return "labelled"
+    if "text" in cols:
+        return "text"
+    raise DataError(f"{key}: cannot tell the format from the fields {sorted(cols)}; set data.format "
+                    f"(text needs 'text', labelled 'text'+'label', hh 'chosen'+'rejected', "
+                    f"instruction 'instruction'+'output')")
+
+
+# ------------------------------------------------------------------ records -> text
+
+@dataclass
+class Stats:
+    """What happened to the records of one dataset: reported, never silent."""
+
+    name: str
+    records: int = 0
+    examples: int = 0
+    empty: int = 0
+    truncated: int = 0
+    unusable: dict = field(default_factory=dict)
+
+    def skip(self, reason: str):
+        self.unusable[reason] = self.unusable.get(reason, 0) + 1
+
+    def report(self) -> str:
+        parts = [f"{self.name}: {self.records} records -> {self.examples} examples",
+                 f"{self.truncated} truncated", f"{self.empty} empty (dropped)"]
+        parts += [f"{n} {reason} (dropped)" for reason, n in self.unusable.items()]
+        return ", ".join(parts)
+
+
+def _field(record: dict, name: str, where: str) -> str:
+    if name not in record or record[name] is None:
+        raise DataError(f"{where}: field '{name}' is missing")
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' should be text, found {type(value).__name__} ({str(value)[:40]!r})")
+    return value
+
+
+def clean(text: str, args: DataArgs) -> str:
+    return text.replace("<br />", "\n").replace("<br/>", "\n") if args.strip_html else text
+
+
+def split_hh(transcript: str) -> tuple[str, str] | None:
+    """HH-RLHF transcript -> (prompt ending in "\\n\\nAssistant:", the last response)."""
+    i = transcript.rfind(ASSISTANT)
+    if i < 0:
+        return None
+    return transcript[: i + len(ASSISTANT)], transcript[i + len(ASSISTANT):]
+
+
+def prompt_response(record: dict, fmt: str, args: DataArgs, where: str) -> tuple[str, str] | None:
+    """(prompt, response) of one record for SFT; None when it has no usable transcript."""
+    if fmt in ("text", "labelled"):
+        return "", clean(_field(record, args.text_field, where), args)
+    if fmt == "hh":
+        return split_hh(_field(record, "chosen", where))
+    if fmt == "instruction":
+        extra = record.get("input") or ""
+        prompt = f"\n\nHuman: {_field(record, 'instruction', where)}" + (f"\n\n{extra}" if extra else "") + ASSISTANT
+        return prompt, " " + _field(record, "output", where).lstrip()
+    raise AssertionError(fmt)
+
+
+def truncate(prompt: list[int], response: list[int], max_length: int, max_prompt_length: int):
+    """(prompt, response, truncated): keep the end of the prompt, the start of the response."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response, False
+    keep_prompt = min(len(prompt), max(max_prompt_length, max_length - len(response)))
+    keep_response = max_length - keep_prompt
+    return prompt[len(prompt) - keep_prompt:], response[:keep_response], True
+
+
+def encode_pair(enc, prompt: str, response: str, args: DataArgs, stats: Stats, truncate_to: int | None = -1):
+    """(prompt ids, response ids + EOS, truncated?) cut to max_length, or None for an
+    empty response (counted). truncate_to=None keeps everything (packing splits it later)."""
+    if not response.strip():
+        stats.empty += 1
+        return None
+    p = enc.encode_ordinary(prompt)
+    r = enc.encode_ordinary(response) + [EOT_TOKEN]
+    if truncate_to is None:
+        return p, r, False
+    return truncate(p, r, args.max_length, args.max_prompt_length)
+
+
+def _records(ds, limit, seed):
+    """All records, or `limit` of them, a seeded random subset (files are often sorted by label)."""
+    if limit is None or limit >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(limit)).flatten_indices()
+
+
+# ------------------------------------------------------------------ SFT
+
+def sft_examples(ds, args: DataArgs, enc, name: str) -> tuple[list[dict], Stats]:
+    """Examples {"input_ids", "loss_mask"}: loss on response tokens (and EOS) only, or on
+    every token with loss_on=all. With packing, whole examples are concatenated and cut
+    into rows of max_length (nothing truncated away); otherwise each is truncated."""
+    fmt = args.format if args.format != "auto" else detect_format(ds.column_names, name)
+    stats = Stats(name, records=len(ds))
+    examples = []
+    for i, record in enumerate(ds):
+        pr = prompt_response(record, fmt, args, f"{name} record {i}")
+        if pr is None:
+            stats.skip(f"without '{ASSISTANT.strip()}'")
+            continue
+        ids = encode_pair(enc, pr[0], pr[1], args, stats, truncate_to=None if args.packing else -1)
+        if ids is None:
+            continue
+        p, r, cut = ids
+        stats.truncated += cut
+        mask = ([1] * len(p) if args.loss_on == "all" else [0] * len(p)) + [1] * len(r)
+        examples.append({"input_ids": p + r, "loss_mask": mask})
+    stats.examples = len(examples)
+    if args.packing and examples:
+        examples = pack(examples, args.max_length)
+    _require(examples, stats, args)
+    return examples, stats
+
+
+def pack(examples: list[dict], length: int) -> list[dict]:
+    """Concatenate examples into rows of exactly `length` tokens (the last row may be
+    shorter). Each example ends in EOS, which separates it from the next."""
+    ids = [t for e in examples for t in e["input_ids"]]
+    mask = [m for e in examples for m in e["loss_mask"]]
+    return [{"input_ids": ids[i:i + length], "loss_mask": mask[i:i + length]} for i in range(0, len(ids), length)]
+
+
+def _require(examples, stats: Stats, args: DataArgs):
+    """No example left, or every one over-long: stop before training, saying why."""
+    if not examples:
+        raise DataError(f"{stats.report()}: no usable example is left")
+    if stats.truncated == stats.examples:
+        raise DataError(f"{stats.report()}: every example is longer than data.max_length={args.max_length}; "
+                        f"raise data.max_length" + (" or set data.packing true" if "chosen" not in examples[0] else ""))
+
+
+def collate_sft(batch: list[dict]) -> dict:
+    """Right-padded (B, T) input_ids, attention_mask and loss_mask."""
+    T = max(len(e["input_ids"]) for e in batch)
+    ids = torch.full((len(batch), T), EOT_TOKEN, dtype=torch.long)
+    attn = torch.zeros(len(batch), T, dtype=torch.long)
+    loss = torch.zeros(len(batch), T, dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        attn[i, :n] = 1
+        loss[i, :n] = torch.tensor(e["loss_mask"])
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+# ------------------------------------------------------------------ reward pairs
+
+def pair_examples(ds, args: DataArgs, enc, name: str, seed: int = 0) -> tuple[list[dict], Stats]:
+    """Examples {"chosen", "rejected"} (token ids, prompt included), from HH-style records
+    or, for labelled text, from (positive, negative) records paired at random."""
+    fmt = args.format if args.format != "auto" else detect_format(ds.column_names, name)
+    stats = Stats(name, records=len(ds))
+    pairs: list[tuple[str, str, str]] = []
+    if fmt == "hh":
+        for i, record in enumerate(ds):
+            where = f"{name} record {i}"
+            c, r = split_hh(_field(record, "chosen", where)), split_hh(_field(record, "rejected", where))
+            if c is None or r is None:
+                stats.skip(f"without '{ASSISTANT.strip()}'")
+            elif c[0] != r[0]:
+                stats.skip("with different prompts for chosen and rejected")
+            else:
+                pairs.append((c[0], c[1], r[1]))
+    elif fmt == "labelled":
+        pos, neg = [], []
+        for i, record in enumerate(ds):
+            label = record.get(args.label_field)
+            if label not in (0, 1, True, False):
+                raise DataError(f"{name} record {i}: field '{args.label_field}' should be 0 or 1, found {label!r}")
+            (pos if label else neg).append(clean(_field(record, args.text_field, f"{name} record {i}"), args))
+        rng = random.Random(seed)
+        rng.shuffle(pos), rng.shuffle(neg)
+        n = min(len(pos), len(neg))
+        if len(pos) != len(neg):
+            side = "positive" if len(pos) > n else "negative"
+            stats.unusable[f"{side} records without a partner"] = abs(len(pos) - len(neg))
+        pairs = [("", pos[i], neg[i]) for i in range(n)]
+    else:
+        raise DataError(f"{name}: reward pairs need the hh (chosen/rejected) or labelled (text/label) format, not {fmt}")
+    examples = []
+    for prompt, chosen, rejected in pairs:
+        c = encode_pair(enc, prompt, chosen, args, stats)
+        if c is None:
+            continue
+        r = encode_pair(enc, prompt, rejected, args, stats)
+        if r is None:
+            continue
+        stats.truncated += c[2] or r[2]
+        if c[:2] == r[:2]:  # truncation cut away all that told them apart
+            stats.skip("pairs identical after truncation")
+            continue
+        examples.append({"chosen": c[0] + c[1], "rejected": r[0] + r[1]})
+    stats.examples = len(examples)
+    _require(examples, stats, args)
+    return examples, stats
+
+
+def collate_pairs(batch: list[dict]) -> dict:
+    """Chosen rows then rejected rows in one right-padded (2B, T) batch: one forward pass
+    scores both; the reward is read at each row's last real token."""
+    rows = [e["chosen"] for e in batch] + [e["rejected"] for e in batch]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), EOT_TOKEN, dtype=torch.long)
+    attn = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": attn}
+
+
+# ------------------------------------------------------------------ PPO prompts
+
+def left_pad(rows: list[list[int]], pad: int = EOT_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, T) ids and attention mask: every row ends at the last column."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, T - len(r):] = torch.tensor(r)
+            mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------ the stages' datasets
+
+def train_eval_records(args: DataArgs, seed: int):
+    """(train records, eval records) as the config says: a separate eval source, or a
+    held-out slice of train (a seeded shuffle, so it is the same slice on resume)."""
+    if not args.train:
+        raise ConfigError("data.train is not set: give a hub dataset name or local files")
+    train = load_records(args.train, "data.train", args.train_split, args.hub_subset)
+    if args.eval:
+        evals = load_records(args.eval, "data.eval", args.eval_split, args.hub_subset)
+    else:
+        if len(train) <= args.eval_size:
+            raise DataError(f"data.train has {len(train)} records, not more than data.eval_size={args.eval_size}; "
+                            f"lower data.eval_size or give data.eval")
+        split = train.train_test_split(test_size=args.eval_size, seed=seed, shuffle=True)
+        train, evals = split["train"], split["test"]
+    return _records(train, args.max_examples, seed), _records(evals, args.max_eval_examples, seed)
+
+
+class BatchStream:
+    """Which examples each step reads: epoch e is a permutation seeded by (seed, e), and
+    step s reads samples s*B ... s*B+B-1 of the endless stream of epochs. A function of
+    the step alone, so a resumed run reads exactly what the uninterrupted run would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int):
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        return [self._permutation(i // self.n)[i % self.n] for i in range(start, start + self.batch_size)]
+
+    def position(self, step: int) -> dict:
+        consumed = step * self.batch_size
+        return {"samples": consumed, "epoch": consumed // self.n, "offset": consumed % self.n}

@@ -1,0 +1,44 @@
+"""Watching a run: TensorBoard scalars, a tqdm bar, and console lines kept in log.txt."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+
+class Tracker:
+    """Scalars go to TensorBoard under the run folder; tags are grouped by prefix
+    (loss/, objective/, val/, optim/, time/). `purge_step` drops the events a killed run
+    wrote after its last checkpoint, so a resumed run's curves do not double back."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, quiet: bool = False):
+        self.run_dir = Path(run_dir)
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=quiet,
+                        desc=self.run_dir.name)
+        self.log_file = open(self.run_dir / "log.txt", "a")
+
+    def scalars(self, step: int, values: dict[str, float]):
+        for tag, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                self.writer.add_scalar(tag, float(value), step)
+
+    def progress(self, steps: int = 1, **postfix):
+        self.bar.update(steps)
+        if postfix:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=False)
+
+    def print(self, message: str):
+        tqdm.write(message)
+        self.log_file.write(message + "\n")
+        self.log_file.flush()
+
+    def close(self):
+        self.bar.close()
+        self.writer.flush()
+        self.writer.close()
+        self.log_file.close()

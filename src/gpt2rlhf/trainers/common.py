@@ -1,0 +1,329 @@
+"""What the stages share, as plain functions: the run folder, the model, the optimizer
+and schedule, one optimizer step (accumulation, clipping, NaN guard), checkpoints with
+exact resume, and the supervised loop SFT and RM both run."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import (CheckpointError, latest_checkpoint, load_model, load_pretrained, load_trainer_state,
+                          prune_checkpoints, rng_state, save_checkpoint, set_rng_state, step_dir)
+from ..config import ConfigError, ModelArgs, OptimArgs, TrainArgs, load_config, parse_cli, resolve_input, \
+    resolve_output, save_config, to_dict
+from ..data import BatchStream, DataError
+from ..lora import LoraConfig, apply_lora
+from ..model import MODEL_CLASSES, PRESETS, GPTConfig, set_dropout
+from ..tokenizer import TokenizerError
+from ..tracking import Tracker
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TokenizerError)
+
+
+# ------------------------------------------------------------------ the run
+
+@dataclass
+class Run:
+    """One run folder, runs/<stage>_<name>_<time>/: config.yaml, log.txt, TensorBoard
+    events, checkpoints/step_*/."""
+
+    dir: Path
+    stage: str
+    cfg: object
+    device: torch.device
+    dtype: torch.dtype
+    checkpoint: Path | None = None  # the checkpoint a resumed run continues from
+    state: dict = field(default_factory=dict)  # its trainer state
+    tracker: Tracker | None = None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def print(self, message: str):
+        if self.tracker:
+            self.tracker.print(message)
+        else:
+            print(message, flush=True)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA GPU is available")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def find_run(resume: str, stage: str, cfg) -> Path:
+    """The run folder `--resume` means: a path, or "latest" of <stage>_<exp_name>_*."""
+    if resume != "latest":
+        path = Path(resolve_input(resume))
+        if not path.is_dir():
+            raise ConfigError(f"--resume: no run folder at {resume}")
+        return path
+    out = resolve_output(cfg.run.out_dir)
+    runs = sorted(out.glob(f"{stage}_{cfg.run.exp_name}_*"))
+    if not runs:
+        raise ConfigError(f"--resume: no earlier run {out}/{stage}_{cfg.run.exp_name}_* to resume")
+    return runs[-1]
+
+
+def open_run(cfg, stage: str, resume: str | Path | None = None) -> Run:
+    """A new run folder with the resolved config, or an existing one to continue from its
+    latest checkpoint (a run killed before its first checkpoint starts over in place)."""
+    device = pick_device(cfg.train.device)
+    dtype = pick_dtype(cfg.train.dtype, device)
+    if resume is not None:
+        run_dir = find_run(str(resume), stage, cfg)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        run = Run(run_dir, stage, cfg, device, dtype, checkpoint)
+        if checkpoint is not None:
+            run.state = load_trainer_state(checkpoint)
+    else:
+        out = resolve_output(cfg.run.out_dir)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = out / f"{stage}_{cfg.run.exp_name}_{stamp}"
+        n = 1
+        while run_dir.exists():
+            n += 1
+            run_dir = out / f"{stage}_{cfg.run.exp_name}_{stamp}-{n}"
+        run_dir.mkdir(parents=True)
+        run = Run(run_dir, stage, cfg, device, dtype)
+    save_config(cfg, run_dir / "config.yaml")
+    return run
+
+
+# ------------------------------------------------------------------ model and optimizer
+
+def build_model(args: ModelArgs, kind: str, lora: LoraConfig, seed: int) -> nn.Module:
+    """From `pretrain` (hub, Hugging Face folder, our checkpoint) or a new random model;
+    dropout as configured; LoRA adapters if lora.r > 0."""
+    torch.manual_seed(seed)
+    if args.pretrain:
+        model = load_pretrained(resolve_input(args.pretrain), kind=kind)
+    else:
+        if args.preset is not None and args.preset not in PRESETS:
+            GPTConfig.from_name(args.preset)  # raises with the list of presets
+        base = dict(PRESETS[args.preset]) if args.preset else {}
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(args, name) is not None:
+                base[name] = getattr(args, name)
+        try:
+            config = GPTConfig(**base)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        model = MODEL_CLASSES[kind](config)
+    set_dropout(model, args.dropout)
+    return apply_lora(model, lora)
+
+
+def make_optimizer(model: nn.Module, o: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weight matrices only, not on biases, layer norms or the
+    (tied) embeddings (nanoGPT's and most LLM recipes' grouping)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and not name.startswith(("transformer.wte", "transformer.wpe")) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+
+
+def lr_factor(step: int, o: OptimArgs, max_steps: int) -> float:
+    """Linear warmup to 1 over warmup_steps, then cosine (or constant) down to min_lr_ratio."""
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Stepper:
+    """One optimizer step from micro-batches: autocast forward, gradient accumulation,
+    unscale then clip, step, schedule; a step with a non-finite loss or gradient is
+    skipped and counted, and `max_bad_steps` of them in a row stop the run."""
+
+    def __init__(self, model: nn.Module, run: Run, optim: OptimArgs, train: TrainArgs, max_steps: int):
+        self.model, self.run, self.train_args = model, run, train
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameter (check lora.trainable)")
+        self.optimizer = make_optimizer(model, optim, run.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, optim, max_steps))
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+        self.grad_clip = optim.grad_clip
+        self.bad_in_row, self.skipped = 0, 0
+
+    def step(self, micro_batches: list, loss_fn: Callable) -> dict:
+        """loss_fn(micro_batch) -> (loss tensor, {name: float tensor}); returns the step's
+        mean loss and metrics, lr, grad norm and whether it was skipped."""
+        n = len(micro_batches)
+        total, metrics = 0.0, {}
+        for mb in micro_batches:
+            with self.run.autocast():
+                loss, m = loss_fn(mb)
+            self.scaler.scale(loss / n).backward()
+            total = total + loss.detach()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v.detach() / n
+        loss_value = float(total) / n
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = float("nan")
+        if math.isfinite(loss_value):
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
+        finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled())
+        if finite:
+            self.scaler.step(self.optimizer)  # (fp16: skips by itself on inf gradients, lowers the scale)
+            self.bad_in_row = 0
+        else:
+            self.skipped += 1
+            self.bad_in_row += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.bad_in_row >= self.train_args.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_in_row} steps in a row had a non-finite loss or gradient (last loss {loss_value}, "
+                f"grad norm {grad_norm}); stopping. Lower optim.lr, check the data, or use train.dtype fp32/bf16."
+            )
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
+                **{k: float(v) for k, v in metrics.items()}}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "bad_in_row": self.bad_in_row, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.bad_in_row, self.skipped = state["bad_in_row"], state["skipped"]
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def restore_models(run: Run, build: dict[str, Callable[[], nn.Module]]) -> dict[str, nn.Module]:
+    """The run's models: rebuilt from its last checkpoint when resuming, else built new."""
+    if run.checkpoint is not None:
+        models = {name: load_model(run.checkpoint, name) for name in build}
+    else:
+        models = {name: make() for name, make in build.items()}
+    return {name: m.to(run.device) for name, m in models.items()}
+
+
+def save(run: Run, step: int, models: dict[str, nn.Module], stepper: Stepper | dict, extra: dict | None = None):
+    """Checkpoint after `step` optimizer steps: models, optimizer(s), schedule, RNG states
+    and data position; then keep only the newest train.keep_checkpoints."""
+    steppers = stepper if isinstance(stepper, dict) else {"": stepper}
+    state = {"step": step, "rng": rng_state(), **(extra or {})}
+    for prefix, s in steppers.items():
+        state.update({f"{prefix}{k}": v for k, v in s.state_dict().items()})
+    path = save_checkpoint(step_dir(run.dir / "checkpoints", step), models,
+                           metadata={"stage": run.stage, "step": step, "config": to_dict(run.cfg)},
+                           trainer_state=state)
+    prune_checkpoints(run.dir / "checkpoints", run.cfg.train.keep_checkpoints)
+    return path
+
+
+def resume_step(run: Run, stepper: Stepper) -> int:
+    """Load the optimizer side of a resumed run and put every RNG back where it was;
+    call last before the loop. Returns the step to continue from (0 for a new run)."""
+    if run.checkpoint is None:
+        return 0
+    stepper.load_state_dict(run.state)
+    set_rng_state(run.state["rng"])
+    run.print(f"resumed from {run.checkpoint} at step {run.state['step']}")
+    return run.state["step"]
+
+
+# ------------------------------------------------------------------ the supervised loop
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def fit(run: Run, model: nn.Module, examples: list, collate: Callable, loss_fn: Callable,
+        evaluate: Callable[[], dict], tokens_of: Callable[[dict], int]) -> Path:
+    """The loop SFT and RM share: each step reads the examples BatchStream gives it, in
+    micro-batches; logs every log_every steps, evaluates every eval_every, checkpoints
+    every save_every and at the end."""
+    t = run.cfg.train
+    micro = t.micro_batch_size or t.batch_size
+    stepper = Stepper(model, run, run.cfg.optim, t, t.max_steps)
+    stream = BatchStream(len(examples), t.batch_size, t.seed)
+    start = resume_step(run, stepper)
+    run.tracker = tracker = Tracker(run.dir, t.max_steps, start)
+    run.print(f"run folder: {run.dir}\ndevice {run.device}, {str(run.dtype).replace('torch.', '')}; "
+              f"{sum(p.numel() for p in stepper.params):,} trainable parameters of "
+              f"{sum(p.numel() for p in model.parameters()):,}; steps {start}..{t.max_steps}")
+    model.train()
+    t0, tokens = time.perf_counter(), 0
+    try:
+        for step in range(start, t.max_steps):
+            batch = [examples[i] for i in stream.indices(step)]
+            micro_batches = [to_device(collate(batch[i:i + micro]), run.device) for i in range(0, len(batch), micro)]
+            out = stepper.step(micro_batches, loss_fn)
+            tokens += sum(tokens_of(mb) for mb in micro_batches)
+            done = step + 1
+            tracker.progress(1, loss=out["loss"])
+            if done % t.log_every == 0 or done == t.max_steps:
+                elapsed = time.perf_counter() - t0
+                tracker.scalars(done, {"loss/train": out["loss"], "optim/lr": out["lr"],
+                                       "optim/grad_norm": out["grad_norm"], "optim/skipped_steps": stepper.skipped,
+                                       "time/tokens_per_sec": tokens / elapsed,
+                                       **{f"objective/{k}": v for k, v in out.items()
+                                          if k not in ("loss", "lr", "grad_norm", "skipped")}})
+                tracker.progress(0, loss=out["loss"], tok_s=f"{tokens / elapsed:,.0f}")
+                t0, tokens = time.perf_counter(), 0
+            if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:
+                model.eval()
+                with torch.no_grad(), run.autocast():
+                    metrics = evaluate()
+                model.train()
+                tracker.scalars(done, metrics)
+                run.print(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if (t.save_every and done % t.save_every == 0) or done == t.max_steps:
+                save(run, done, {"model": model}, stepper, {"data_position": stream.position(done)})
+        run.print(f"done: {run.dir}")
+    finally:
+        tracker.close()
+        run.tracker = None
+    return run.dir
+
+
+# ------------------------------------------------------------------ command line
+
+def cli(cls, stage: str, train: Callable, argv: list[str] | None, usage: str):
+    """Parse a stage's command line, run it, and turn the errors a user can fix into one
+    clear line (exit status 2) instead of a stack trace."""
+    try:
+        yaml_path, overrides, resume = parse_cli(cls, argv, usage)
+        if resume is not None:
+            cfg0 = load_config(cls, yaml_path, overrides)
+            run_dir = find_run(resume, stage, cfg0)
+            saved = load_config(cls, str(run_dir / "config.yaml"), overrides)
+            return train(saved, resume=run_dir)
+        return train(load_config(cls, yaml_path, overrides))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

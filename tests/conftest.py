@@ -50,3 +50,26 @@ def left_padded(batch_size=3, length=10, vocab_size=101, pads=(4, 2, 0), seed=1)
         mask[row, :n] = 0
         ids[row, :n] = 0
     return ids, mask
+
+
+def write_reviews(path: Path, n: int = 48, seed: int = 0) -> str:
+    """A small labelled-review JSON-lines file (IMDB's schema)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    good = ["great", "wonderful", "superb", "moving", "brilliant", "fun"]
+    bad = ["awful", "boring", "dull", "terrible", "weak", "painful"]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = good if label else bad
+        text = f"This film was {rng.choice(words)} and the acting was {rng.choice(words)}. " * rng.randint(1, 3)
+        rows.append(json.dumps({"text": text.strip(), "label": label}))
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+TINY_ARGS = ["--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "64",
+             "--data.max_length", "48", "--data.eval_size", "8", "-b", "4", "--train.log_every", "1",
+             "--optim.warmup_steps", "2"]

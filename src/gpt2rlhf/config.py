@@ -141,8 +141,8 @@ class DataArgs:
     """Replace <br /> tags by newlines (IMDB reviews have them)."""
     max_length: int = 512
     """Tokens per example, prompt + response (+ EOS); longer ones are truncated and counted."""
-    max_prompt_length: int = 256
-    """Tokens kept of a prompt when an example is too long (its end is kept)."""
+    max_prompt_length: int | None = None
+    """Tokens a prompt keeps at least when an example is too long (its end); None: max_length // 2."""
     max_examples: int | None = None
     """Use N training records, a seeded random subset (None: all)."""
     eval_size: int = 500
@@ -159,9 +159,11 @@ class DataArgs:
             raise ConfigError(f"data.format must be auto, text, hh, instruction or labelled, got {self.format!r}")
         if self.loss_on not in ("response", "all"):
             raise ConfigError(f"data.loss_on must be response or all, got {self.loss_on!r}")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
         if self.max_length < 2 or not 0 <= self.max_prompt_length < self.max_length:
-            raise ConfigError(f"data: need max_length >= 2 and 0 <= max_prompt_length < max_length "
-                              f"(got {self.max_length}, {self.max_prompt_length})")
+            raise ConfigError(f"data: need data.max_length >= 2 and 0 <= data.max_prompt_length < data.max_length "
+                              f"(got {self.max_length} and {self.max_prompt_length})")
 
 
 @dataclass

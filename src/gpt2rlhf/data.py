@@ -68,17 +68,17 @@ def local_files(source: str, key: str) -> list[Path] | None:
     return files
 
 
-def check_json_lines(path: Path):
+def check_json_lines(path: Path) -> int:
     """Parse a JSON-lines file line by line, so that a malformed record is reported by file
-    and line before `datasets` sees it (its own error names neither)."""
+    and line before `datasets` sees it (its own error names neither). Returns the count."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         try:
             first = f.read(1)
             f.seek(0)
             if first == "[":  # a JSON array (.json), not lines
-                json.load(f)
-                return
+                return len(json.load(f))
+            count = 0
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -88,6 +88,8 @@ def check_json_lines(path: Path):
                     raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(record).__name__}")
+                count += 1
+            return count
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
         except (UnicodeDecodeError, OSError, EOFError) as e:
@@ -111,9 +113,8 @@ def load_records(source: str, key: str, split: str = "train", subset: str | None
     if len(builders) > 1:
         raise DataError(f"{key}: mixed file types {sorted(builders)}; give files of one type")
     builder = builders.pop()
-    if builder == "json":
-        for f in files:
-            check_json_lines(f)
+    if builder == "json" and sum(check_json_lines(f) for f in files) == 0:
+        raise DataError(f"{key}: {', '.join(map(str, files))} holds no records")
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as e:

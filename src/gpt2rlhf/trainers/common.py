@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -200,7 +201,9 @@ class Stepper:
             self.bad_in_row += 1
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step: the schedule still moves with the step count
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         if self.bad_in_row >= self.train_args.max_bad_steps:
             raise TrainingError(
                 f"{self.bad_in_row} steps in a row had a non-finite loss or gradient (last loss {loss_value}, "

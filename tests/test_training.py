@@ -1,0 +1,107 @@
+"""The shared training pieces, in-process: the step helper, schedule, NaN guard, stages."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_ARGS, write_reviews
+
+from gpt2rlhf.checkpoint import CheckpointError, latest_checkpoint, load_model, save_checkpoint
+from gpt2rlhf.config import OptimArgs, RMConfig, SFTConfig, TrainArgs, load_config, parse_overrides
+from gpt2rlhf.model import GPT, GPTScalar
+from gpt2rlhf.trainers import rm, sft
+from gpt2rlhf.trainers.common import Run, Stepper, TrainingError, lr_factor
+
+
+def make_run(tmp_path, **train):
+    cfg = load_config(SFTConfig, overrides={"model": {"n_layer": 1}, "train": train})
+    return Run(tmp_path, "test", cfg, torch.device("cpu"), torch.float32)
+
+
+def test_lr_warms_up_then_follows_the_cosine():
+    o = OptimArgs(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_factor(s, o, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert math.isclose(lr_factor(9, o, 14), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert math.isclose(lr_factor(14, o, 14), 0.1)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tiny_config, tmp_path):
+    ids = torch.randint(0, 97, (4, 8))
+    finals = []
+    for chunks in (1, 2):
+        torch.manual_seed(0)
+        model = GPT(tiny_config)
+        run = make_run(tmp_path)
+        stepper = Stepper(model, run, OptimArgs(lr=1e-2, warmup_steps=0), TrainArgs(), max_steps=10)
+        loss_fn = lambda b: (model(b).float().logsumexp(-1).mean(), {})  # noqa: E731
+        out = stepper.step(list(ids.chunk(chunks)), loss_fn)
+        finals.append((out, torch.cat([p.flatten() for p in model.parameters()])))
+    assert math.isclose(finals[0][0]["loss"], finals[1][0]["loss"], rel_tol=1e-6)
+    assert math.isclose(finals[0][0]["grad_norm"], finals[1][0]["grad_norm"], rel_tol=1e-5)
+    assert (finals[0][1] - finals[1][1]).abs().max() < 1e-6
+
+
+def test_gradients_are_clipped_to_the_configured_norm(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    stepper = Stepper(model, make_run(tmp_path), OptimArgs(grad_clip=0.01), TrainArgs(), 10)
+    seen = {}
+    real_step = stepper.optimizer.step
+
+    def spy(*a, **k):
+        seen["norm"] = torch.cat([p.grad.flatten() for p in stepper.params]).norm().item()
+        return real_step(*a, **k)
+
+    stepper.optimizer.step = spy
+    out = stepper.step([torch.randint(0, 97, (2, 8))], lambda b: (model(b).pow(2).mean() * 100, {}))
+    assert out["grad_norm"] > 0.01 and math.isclose(seen["norm"], 0.01, rel_tol=1e-4)
+
+
+def test_nan_guard_skips_counts_and_stops(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    stepper = Stepper(model, make_run(tmp_path), OptimArgs(), TrainArgs(max_bad_steps=3), 10)
+    ids = torch.randint(0, 97, (2, 8))
+    good = lambda b: (model(b).float().mean(), {})  # noqa: E731
+    bad = lambda b: (model(b).float().mean() * float("nan"), {})  # noqa: E731
+    before = [p.detach().clone() for p in model.parameters()]
+    out = stepper.step([ids], bad)
+    assert out["skipped"] and stepper.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing moved
+    assert all(p.grad is None for p in model.parameters())  # and no NaN gradient left behind
+    assert not stepper.step([ids], good)["skipped"] and stepper.bad_in_row == 0  # the count is of steps in a row
+    stepper.step([ids], bad)
+    stepper.step([ids], bad)
+    with pytest.raises(TrainingError, match=r"3 steps in a row had a non-finite loss"):
+        stepper.step([ids], bad)
+
+
+def tiny_cfg(cls, tmp_path, data, extra=()):
+    return load_config(cls, overrides=parse_overrides(
+        TINY_ARGS + ["--data.train", data, "--run.out_dir", str(tmp_path / "runs"), *extra]))
+
+
+def test_sft_then_rm_in_process(tmp_path):
+    data = write_reviews(tmp_path / "reviews.jsonl")
+    sft_dir = sft.train(tiny_cfg(SFTConfig, tmp_path, data, ["--train.max_steps", "4", "--optim.lr", "1e-2"]))
+    lm = load_model(latest_checkpoint(sft_dir / "checkpoints"), kind="lm")
+    rm_dir = rm.train(tiny_cfg(RMConfig, tmp_path, data, ["--train.max_steps", "3", "-p", str(sft_dir)]))
+    reward_model = load_model(latest_checkpoint(rm_dir / "checkpoints"), kind="scalar")
+    assert isinstance(reward_model, GPTScalar) and reward_model.config == lm.config
+
+
+def test_lora_sft_trains_adapters_only(tmp_path):
+    data = write_reviews(tmp_path / "reviews.jsonl")
+    run_dir = sft.train(tiny_cfg(SFTConfig, tmp_path, data, ["--train.max_steps", "2", "--lora.r", "4"]))
+    model = load_model(latest_checkpoint(run_dir / "checkpoints"))
+    assert model.lora_config.r == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_a_reward_model_as_the_sft_starting_point_is_refused_before_training(tmp_path, tiny_config):
+    rm_ckpt = save_checkpoint(tmp_path / "rm" / "step_00000001", {"model": GPTScalar(tiny_config)})
+    data = write_reviews(tmp_path / "reviews.jsonl")
+    with pytest.raises(CheckpointError, match=r"holds a scalar-head .* a language model is expected"):
+        sft.train(tiny_cfg(SFTConfig, tmp_path, data, ["-p", str(rm_ckpt)]))
+    assert not list((tmp_path / "runs").glob("*/checkpoints/step_*"))

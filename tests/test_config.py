@@ -65,3 +65,17 @@ def test_saved_config_loads_back_equal(tmp_path):
     cfg = load_config(SFTConfig, overrides=parse_overrides(["-n", "a", "--lora.r", "4", "--data.train", "x.jsonl"]))
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(SFTConfig, str(tmp_path / "config.yaml")) == cfg
+
+
+def test_every_preset_loads():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+    assert len(presets) >= 4
+    for path in presets:
+        cls = {"sft": SFTConfig, "rm": RMConfig}.get(path.stem)
+        if cls is None:
+            continue
+        overrides = {"model": {"pretrain": "gpt2"}} if path.stem == "rm" else None  # the RM needs -p
+        cfg = load_config(cls, str(path), overrides)
+        assert cfg.run.exp_name in ("imdb", "hh")

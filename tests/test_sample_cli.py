@@ -13,7 +13,7 @@ def test_sample_from_a_hugging_face_folder(tmp_path):
     folder = tmp_path / "hf"
     make_hf_folder(folder, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
     out = subprocess.run([sys.executable, "sample.py", "-p", str(folder), "--prompt", "Hello", "--prompt", "The movie",
-                          "--max-new-tokens", "5", "--seed", "1"], cwd=SRC, capture_output=True, text=True, timeout=120)
+                          "--max-new-tokens", "5", "--seed", "1", "--device", "cpu"], cwd=SRC, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--- sample 1" in out.stdout and "tokens/s) on cpu" in out.stdout
 

@@ -205,17 +205,18 @@ def truncate(prompt: list[int], response: list[int], max_length: int, max_prompt
     return prompt[len(prompt) - keep_prompt:], response[:keep_response], True
 
 
-def encode_pair(enc, prompt: str, response: str, args: DataArgs, stats: Stats, truncate_to: int | None = -1):
-    """(prompt ids, response ids + EOS, truncated?) cut to max_length, or None for an
-    empty response (counted). truncate_to=None keeps everything (packing splits it later)."""
-    if not response.strip():
-        stats.empty += 1
-        return None
-    p = enc.encode_ordinary(prompt)
-    r = enc.encode_ordinary(response) + [EOT_TOKEN]
-    if truncate_to is None:
-        return p, r, False
-    return truncate(p, r, args.max_length, args.max_prompt_length)
+def encode_pairs(enc, items: list[tuple[str, str]], args: DataArgs, stats: Stats, truncate_long: bool = True):
+    """[(prompt ids, response ids + EOS, truncated?)] cut to max_length, or None where a
+    response is empty (counted). Tokenised in batches (tiktoken's threads)."""
+    keep = [i for i, (_, r) in enumerate(items) if r.strip()]
+    stats.empty += len(items) - len(keep)
+    prompts = enc.encode_ordinary_batch([items[i][0] for i in keep])
+    responses = enc.encode_ordinary_batch([items[i][1] for i in keep])
+    out: list = [None] * len(items)
+    for i, p, r in zip(keep, prompts, responses):
+        r = r + [EOT_TOKEN]
+        out[i] = truncate(p, r, args.max_length, args.max_prompt_length) if truncate_long else (p, r, False)
+    return out
 
 
 def _records(ds, limit, seed):
@@ -233,13 +234,15 @@ def sft_examples(ds, args: DataArgs, enc, name: str) -> tuple[list[dict], Stats]
     into rows of max_length (nothing truncated away); otherwise each is truncated."""
     fmt = args.format if args.format != "auto" else detect_format(ds.column_names, name)
     stats = Stats(name, records=len(ds))
-    examples = []
+    items = []
     for i, record in enumerate(ds):
         pr = prompt_response(record, fmt, args, f"{name} record {i}")
         if pr is None:
             stats.skip(f"without '{ASSISTANT.strip()}'")
-            continue
-        ids = encode_pair(enc, pr[0], pr[1], args, stats, truncate_to=None if args.packing else -1)
+        else:
+            items.append(pr)
+    examples = []
+    for ids in encode_pairs(enc, items, args, stats, truncate_long=not args.packing):
         if ids is None:
             continue
         p, r, cut = ids
@@ -318,13 +321,11 @@ def pair_examples(ds, args: DataArgs, enc, name: str, seed: int = 0) -> tuple[li
         pairs = [("", pos[i], neg[i]) for i in range(n)]
     else:
         raise DataError(f"{name}: reward pairs need the hh (chosen/rejected) or labelled (text/label) format, not {fmt}")
+    chosen = encode_pairs(enc, [(p, c) for p, c, _ in pairs], args, stats)
+    rejected = encode_pairs(enc, [(p, r) for p, _, r in pairs], args, stats)
     examples = []
-    for prompt, chosen, rejected in pairs:
-        c = encode_pair(enc, prompt, chosen, args, stats)
-        if c is None:
-            continue
-        r = encode_pair(enc, prompt, rejected, args, stats)
-        if r is None:
+    for c, r in zip(chosen, rejected):
+        if c is None or r is None:
             continue
         stats.truncated += c[2] or r[2]
         if c[:2] == r[:2]:  # truncation cut away all that told them apart

@@ -23,3 +23,38 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """-log sigmoid(r_chosen - r_rejected), the Bradley-Terry loss of InstructGPT's reward
     model (Ouyang et al. 2022, eq. 1). logsigmoid is stable for large margins."""
     return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over valid tokens:
+    max(-A r, -A clip(r, 1-eps, 1+eps)). Outside the clip range on the side that would
+    increase the objective, the gradient is zero. Returns (pg_loss, stats)."""
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    log_ratio = (logp - old_logp) * m
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    pg_loss = (torch.max(pg_losses, pg_losses2) * m).sum() / n
+    with torch.no_grad():
+        stats = {"clipfrac": ((pg_losses2 > pg_losses).float() * m).sum() / n,
+                 "approxkl": 0.5 * (log_ratio ** 2).sum() / n,  # lm-human-preferences' estimator
+                 "ratio_mean": (ratio * m).sum() / n,
+                 "ratio_max": torch.where(m.bool(), ratio, torch.zeros_like(ratio)).max()}
+    return pg_loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2) over valid
+    tokens (the value clipping of OpenAI's baselines PPO2). Returns (vf_loss, stats)."""
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    vf_losses = (values - returns) ** 2
+    vf_losses2 = (clipped - returns) ** 2
+    vf_loss = 0.5 * (torch.max(vf_losses, vf_losses2) * m).sum() / n
+    with torch.no_grad():
+        stats = {"vf_clipfrac": ((vf_losses2 > vf_losses).float() * m).sum() / n}
+    return vf_loss, stats

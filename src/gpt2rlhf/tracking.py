@@ -1,4 +1,4 @@
-"""Watching a run: TensorBoard scalars, a tqdm bar, and console lines kept in log.txt."""
+"""Watching a run: TensorBoard scalars and a tqdm progress bar."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ class Tracker:
         self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=quiet,
                         desc=self.run_dir.name)
-        self.log_file = open(self.run_dir / "log.txt", "a")
 
     def scalars(self, step: int, values: dict[str, float]):
         for tag, value in values.items():
@@ -32,13 +31,7 @@ class Tracker:
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                                  refresh=False)
 
-    def print(self, message: str):
-        tqdm.write(message)
-        self.log_file.write(message + "\n")
-        self.log_file.flush()
-
     def close(self):
         self.bar.close()
         self.writer.flush()
         self.writer.close()
-        self.log_file.close()

@@ -5,6 +5,7 @@ exact resume, and the supervised loop SFT and RM both run."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 import warnings
@@ -53,10 +54,13 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def print(self, message: str):
+        """To the console (above the progress bar) and to log.txt."""
         if self.tracker:
-            self.tracker.print(message)
+            self.tracker.bar.write(message)
         else:
             print(message, flush=True)
+        with open(self.dir / "log.txt", "a") as f:
+            f.write(message + "\n")
 
 
 def pick_device(name: str) -> torch.device:
@@ -202,7 +206,7 @@ class Stepper:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped step: the schedule still moves with the step count
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         if self.bad_in_row >= self.train_args.max_bad_steps:
             raise TrainingError(
@@ -221,6 +225,12 @@ class Stepper:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.bad_in_row, self.skipped = state["bad_in_row"], state["skipped"]
+
+
+def forward_fn(model: nn.Module, run: Run) -> nn.Module:
+    """What the loss calls: the model, or its torch.compile'd twin (same parameters, so
+    the optimizer and checkpoints keep working on `model` itself)."""
+    return torch.compile(model) if run.cfg.train.compile else model
 
 
 # ------------------------------------------------------------------ checkpoints

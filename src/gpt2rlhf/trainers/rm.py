@@ -17,13 +17,15 @@ import torch
 from ..config import ConfigError, RMConfig
 from ..data import collate_pairs, pair_examples, train_eval_records
 from ..losses import pairwise_loss
+from ..model import last_token_index
 from ..tokenizer import get_tokenizer
-from .common import build_model, cli, fit, open_run, restore_models, to_device
+from .common import build_model, cli, fit, forward_fn, open_run, restore_models, to_device
 
 
 def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected) from a collate_pairs batch: chosen rows first, then rejected."""
-    rewards = model.score_last(batch["input_ids"], batch["attention_mask"])  # (2B,)
+    values = model(batch["input_ids"], batch["attention_mask"])  # (2B, T)
+    rewards = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)  # (2B,)
     return rewards.float().chunk(2)
 
 
@@ -48,9 +50,10 @@ def train(cfg: RMConfig, resume: str | Path | None = None) -> Path:
     if model.config.block_size < cfg.data.max_length:
         raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
                           f"(block_size {model.config.block_size})")
+    forward = forward_fn(model, run)
 
     def loss_fn(batch):
-        chosen, rejected = pair_rewards(model, batch)
+        chosen, rejected = pair_rewards(forward, batch)
         return pairwise_loss(chosen, rejected), pair_metrics(chosen.detach(), rejected.detach())
 
     # 4. eval over every held-out pair

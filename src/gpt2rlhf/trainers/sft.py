@@ -18,7 +18,7 @@ from ..config import ConfigError, SFTConfig
 from ..data import collate_sft, sft_examples, train_eval_records
 from ..losses import lm_loss
 from ..tokenizer import get_tokenizer
-from .common import build_model, cli, fit, open_run, restore_models, to_device
+from .common import build_model, cli, fit, forward_fn, open_run, restore_models, to_device
 
 
 def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
@@ -36,9 +36,10 @@ def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
     if model.config.block_size < cfg.data.max_length:
         raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
                           f"(block_size {model.config.block_size})")
+    forward = forward_fn(model, run)
 
     def loss_fn(batch):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = forward(batch["input_ids"], attention_mask=batch["attention_mask"])
         return lm_loss(logits, batch["input_ids"], batch["loss_mask"]), {}
 
     # 4. eval: the mean over every counted token of the eval set

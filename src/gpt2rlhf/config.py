@@ -252,8 +252,112 @@ class RMConfig:
     run: RunArgs = field(default_factory=RunArgs)
 
 
-SHORT_FLAGS = {"-n": "run.exp_name", "--exp-name": "run.exp_name", "-b": "train.batch_size",
-               "--batch-size": "train.batch_size", "-p": "model.pretrain", "--pretrain": "model.pretrain"}
+@dataclass
+class PPOArgs:
+    """One PPO iteration: rollout, score, KL, GAE, then epochs of minibatch updates."""
+
+    max_new_tokens: int = 24
+    """Longest response, in tokens."""
+    min_new_tokens: int = 0
+    """Shortest response: EOS cannot be sampled before this many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are computed from logits / temperature too."""
+    top_k: int = 0
+    """Top-k sampling during rollouts (0: off, the PPO default)."""
+    top_p: float = 1.0
+    """Nucleus sampling during rollouts (1: off, the PPO default)."""
+    mini_batch_size: int = 16
+    """Rollouts per optimizer step in the update phase."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch, shuffled into minibatches."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """Lambda of GAE."""
+    clip_range: float = 0.2
+    """Policy ratio clipping epsilon."""
+    clip_range_value: float = 0.2
+    """Value clipping around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (the critic has its own optimizer; this scales its loss)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0: off)."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty (the start value when adaptive)."""
+    adaptive_kl: bool = False
+    """Adapt beta towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Adaptive beta: the KL per response it steers to, in nats."""
+    kl_horizon: int = 10000
+    """Adaptive beta: the horizon, in rollouts."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards (mean kept) before GAE."""
+    normalize_reward: bool = True
+    """Gain and bias so that the starting policy's scores have mean 0, std 1 (computed once)."""
+    normalization_samples: int = 256
+    """Rollouts scored to compute that gain and bias."""
+    reward_clip: float = 0.0
+    """Clip normalised scores to [-c, c] (0: off)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that has no EOS (None: no penalty)."""
+    sample_every: int = 10
+    """Print a few prompt/response pairs every N iterations."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("ppo: need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens")
+        if self.temperature <= 0:
+            raise ConfigError(f"ppo.temperature must be > 0 for PPO (logprobs divide by it), got {self.temperature}")
+        if self.ppo_epochs < 1 or self.mini_batch_size < 1:
+            raise ConfigError("ppo.ppo_epochs and ppo.mini_batch_size must be >= 1")
+        if self.adaptive_kl and (self.target_kl <= 0 or self.kl_horizon <= 0):
+            raise ConfigError("ppo: adaptive KL needs target_kl > 0 and kl_horizon > 0")
+
+
+@dataclass
+class PromptArgs:
+    """How prompts are cut from the data for rollouts."""
+
+    min_tokens: int = 0
+    """Text records: a prompt is the first k tokens, k drawn in [min_tokens, max_tokens]
+    (0: HH-style records use their prompt, text records their whole text)."""
+    max_tokens: int = 64
+    """The longest prompt; longer ones keep their end (counted)."""
+
+    def __post_init__(self):
+        if self.max_tokens < 1 or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError("prompts: need 0 <= min_tokens <= max_tokens and max_tokens >= 1")
+
+
+@dataclass
+class PPOConfig:
+    """PPO (actor-critic) against a reward model."""
+
+    actor: ModelArgs = field(default_factory=lambda: ModelArgs(preset="gpt2"))
+    critic: ModelArgs = field(default_factory=lambda: ModelArgs(preset="gpt2"))
+    reward: str | None = None
+    """The frozen reward model (a checkpoint or run folder); None: the critic's pretrain."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    critic_lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimArgs = field(default_factory=lambda: OptimArgs(lr=1e-5, weight_decay=0.0, warmup_steps=0))
+    critic_optim: OptimArgs = field(default_factory=lambda: OptimArgs(lr=1e-5, weight_decay=0.0, warmup_steps=0))
+    data: DataArgs = field(default_factory=DataArgs)
+    prompts: PromptArgs = field(default_factory=PromptArgs)
+    ppo: PPOArgs = field(default_factory=PPOArgs)
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(batch_size=64, max_steps=100, eval_every=0,
+                                                               save_every=20, log_every=1))
+    run: RunArgs = field(default_factory=RunArgs)
+
+
+COMMON_FLAGS = {"-n": "run.exp_name", "--exp-name": "run.exp_name", "-b": "train.batch_size",
+                "--batch-size": "train.batch_size"}
+SHORT_FLAGS = {**COMMON_FLAGS, "-p": "model.pretrain", "--pretrain": "model.pretrain"}
+PPO_FLAGS = {**COMMON_FLAGS, "-a": "actor.pretrain", "--actor": "actor.pretrain",
+             "-c": "critic.pretrain", "--critic": "critic.pretrain"}
+
+
+def short_flags(cls) -> dict:
+    return PPO_FLAGS if cls is PPOConfig else SHORT_FLAGS
 
 
 # ------------------------------------------------------------------ building
@@ -388,8 +492,9 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def parse_overrides(args: list[str]) -> dict:
+def parse_overrides(args: list[str], flags: dict | None = None) -> dict:
     """`--a.b value`, `--a.b=value`, short flags; a flag with no value is `true`."""
+    flags = SHORT_FLAGS if flags is None else flags
     out: dict = {}
     i = 0
     while i < len(args):
@@ -405,7 +510,7 @@ def parse_overrides(args: list[str]) -> dict:
         else:
             key, value = arg, "true"
             i += 1
-        key = SHORT_FLAGS.get(key, key)
+        key = flags.get(key, key)
         _set_dotted(out, key.lstrip("-").replace("-", "_") if key.startswith("-") else key, value)
     return out
 
@@ -472,4 +577,4 @@ def parse_cli(cls, argv: list[str] | None = None, usage: str = ""):
         else:
             rest.append(a)
             i += 1
-    return yaml_path, parse_overrides(rest), resume
+    return yaml_path, parse_overrides(rest, short_flags(cls)), resume

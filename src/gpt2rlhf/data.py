@@ -352,6 +352,45 @@ def collate_pairs(batch: list[dict]) -> dict:
 
 # ------------------------------------------------------------------ PPO prompts
 
+def prompt_examples(ds, args: DataArgs, min_tokens: int, max_tokens: int, enc, name: str,
+                    seed: int = 0) -> tuple[list[list[int]], Stats]:
+    """Prompt token ids for rollouts. HH-style records: the transcript up to its last
+    "\n\nAssistant:". Text records: the first k tokens, k drawn in [min_tokens, max_tokens]
+    (the sentiment task's "start of a review"), or the whole text when min_tokens is 0.
+    A prompt longer than max_tokens keeps its end, and is counted."""
+    fmt = args.format if args.format != "auto" else detect_format(ds.column_names, name)
+    stats = Stats(name, records=len(ds))
+    texts = []
+    for i, record in enumerate(ds):
+        where = f"{name} record {i}"
+        if fmt == "hh":
+            pr = split_hh(_field(record, "chosen", where))
+            if pr is None:
+                stats.skip(f"without '{ASSISTANT.strip()}'")
+                continue
+            texts.append(pr[0])
+        elif fmt == "instruction":
+            texts.append(prompt_response(record, fmt, args, where)[0])
+        else:
+            texts.append(clean(_field(record, args.text_field, where), args))
+    rng = random.Random(seed)
+    prompts = []
+    for ids in enc.encode_ordinary_batch(texts):
+        if fmt in ("text", "labelled") and min_tokens > 0:
+            ids = ids[: rng.randint(min_tokens, max_tokens)]
+        if not ids:
+            stats.empty += 1
+            continue
+        if len(ids) > max_tokens:
+            ids = ids[-max_tokens:]
+            stats.truncated += 1
+        prompts.append(ids)
+    stats.examples = len(prompts)
+    if not prompts:
+        raise DataError(f"{stats.report()}: no usable prompt is left")
+    return prompts, stats
+
+
 def left_pad(rows: list[list[int]], pad: int = EOT_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (B, T) ids and attention mask: every row ends at the last column."""
     T = max(len(r) for r in rows)

@@ -258,12 +258,15 @@ def save(run: Run, step: int, models: dict[str, nn.Module], stepper: Stepper | d
     return path
 
 
-def resume_step(run: Run, stepper: Stepper) -> int:
+def resume_step(run: Run, stepper: Stepper | dict[str, Stepper]) -> int:
     """Load the optimizer side of a resumed run and put every RNG back where it was;
-    call last before the loop. Returns the step to continue from (0 for a new run)."""
+    call last before the loop. Returns the step to continue from (0 for a new run).
+    Several steppers (PPO's actor and critic) are saved and found under their prefixes."""
     if run.checkpoint is None:
         return 0
-    stepper.load_state_dict(run.state)
+    steppers = stepper if isinstance(stepper, dict) else {"": stepper}
+    for prefix, s in steppers.items():
+        s.load_state_dict({k[len(prefix):]: v for k, v in run.state.items() if k.startswith(prefix)})
     set_rng_state(run.state["rng"])
     run.print(f"resumed from {run.checkpoint} at step {run.state['step']}")
     return run.state["step"]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The RLHF pipeline on the IMDB sentiment task, through the real command-line stages:
 #   SFT (a tiny GPT-2 from scratch on review text) -> reward model (positive vs negative
-#   review pairs); PPO and the evaluation join as issues 4-6 land.
+#   review pairs) -> PPO (continuations of held-out review openings, rewarded by the RM);
+#   the evaluation joins with issues 5-6.
 # Data: $IMDB_DIR if set, else ../shared/data/imdb beside the repository when present,
 # else the hub dataset stanfordnlp/imdb (needs the network).
-# Usage: bash scripts/pipeline.sh [run-name]        (about 20 minutes on 2 CPU cores)
+# Usage: bash scripts/pipeline.sh [run-name]        (about 40 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/../src"
 NAME="${1:-imdb}"
@@ -21,6 +22,14 @@ python training/train_sft.py --config ../configs/imdb/sft.yaml -n "$NAME" "${DAT
 SFT=$(ls -d ../runs/sft_"$NAME"_* | tail -1)
 python training/train_rm.py --config ../configs/imdb/rm.yaml -n "$NAME" -p "$SFT" "${DATA[@]}"
 RM=$(ls -d ../runs/rm_"$NAME"_* | tail -1)
+if [ -f "$DATA_DIR/imdb_test.jsonl.gz" ]; then
+  PROMPTS=(--data.train "$DATA_DIR/imdb_test.jsonl.gz")
+else
+  PROMPTS=(--data.train stanfordnlp/imdb --data.train_split test)
+fi
+python training/train_ppo.py --config ../configs/imdb/ppo.yaml -n "$NAME" -a "$SFT" -c "$RM" "${PROMPTS[@]}"
+PPO=$(ls -d ../runs/ppo_"$NAME"_* | tail -1)
 echo "SFT: $SFT"
 echo "RM:  $RM"
+echo "PPO: $PPO"
 echo "pipeline took $(( ($(date +%s) - start) / 60 )) min; watch it with: tensorboard --logdir runs"

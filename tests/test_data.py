@@ -4,7 +4,6 @@ import gzip
 import json
 
 import pytest
-import torch
 
 from gpt2rlhf.config import DataArgs
 from gpt2rlhf.data import (BatchStream, DataError, collate_pairs, collate_sft, left_pad, load_records,

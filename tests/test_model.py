@@ -187,3 +187,16 @@ def test_a_hub_name_offline_says_how_to_pass_a_local_folder(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match=r"could not get 'gpt2' from the Hugging Face hub.*pass that folder's path"):
         from_pretrained("gpt2")
+
+
+@torch.no_grad()
+def test_a_pytorch_model_bin_folder_loads_too(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50)).eval()
+    hf.save_pretrained(tmp_path)  # then swap the safetensors file for an old-style pickle
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    ids = torch.randint(0, 50, (2, 7))
+    assert (from_pretrained(tmp_path).eval()(ids) - hf(ids).logits).abs().max() <= TOL

@@ -152,3 +152,25 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, name
     sa, sb = load_trainer_state(reference), load_trainer_state(final)
     assert sa["kl_ctl"] == sb["kl_ctl"] and sa["reward_gain"] == sb["reward_gain"]
+
+
+def test_rollout_phase_cuts_at_eos_and_masks_the_rest():
+    from gpt2rlhf.model import GPT
+
+    torch.manual_seed(0)
+    actor = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():  # every hidden state becomes v, and EOS gets p ~ 0.75 per step
+        actor.transformer.ln_f.weight.zero_()
+        actor.transformer.ln_f.bias.fill_(1.0)  # |v|^2 = 16: the EOS logit is 12, the others about 0
+        actor.transformer.wte.weight[EOT_TOKEN] = 0.75 * actor.transformer.ln_f.bias
+    q, m = torch.randint(0, 1000, (8, 3)), torch.ones(8, 3, dtype=torch.long)
+    r = ppo.rollout(actor, q, m, PPOArgs(max_new_tokens=10))
+    assert r.response.shape[0] == 8 and r.response_mask.shape == r.response.shape
+    ended = ppo.has_eos(r)
+    assert ended.any()
+    for row in range(8):
+        if ended[row]:
+            first = int((r.response[row] == EOT_TOKEN).nonzero()[0])
+            assert r.response_mask[row, : first + 1].all() and not r.response_mask[row, first + 1:].any()
+    ids, mask = r.sequences()
+    assert ids.shape == (8, 3 + r.response.size(1)) and torch.equal(mask[:, :3], m)

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import TINY_ARGS, write_reviews
 
 from gpt2rlhf.checkpoint import latest_checkpoint, load_model, load_trainer_state, read_meta
@@ -101,7 +100,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, reviews, scrip
 
     resumed = stage(script, "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
     final = latest_checkpoint(run_dir / "checkpoints")
     assert final.name == f"step_{steps:08d}"
     diff = max((reference[k] - v).abs().max().item() for k, v in weights(final).items())

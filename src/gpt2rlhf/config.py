@@ -16,7 +16,6 @@ like ../shared/data/..., are written from).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import sys

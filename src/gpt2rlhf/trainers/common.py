@@ -31,7 +31,11 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. too many non-finite steps in a row)."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TokenizerError)
+class RewardError(ValueError):
+    """A reward function that returned the wrong number of scores, or non-finite ones."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TokenizerError, RewardError)
 
 
 # ------------------------------------------------------------------ the run
@@ -225,6 +229,23 @@ class Stepper:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.bad_in_row, self.skipped = state["bad_in_row"], state["skipped"]
+
+
+def supervised_model(run: Run, kind: str) -> tuple[nn.Module, nn.Module]:
+    """SFT's and RM's model (new, or from the run's last checkpoint) and what the loss
+    calls (the model, or its torch.compile'd twin); checks that examples fit its context."""
+    cfg = run.cfg
+    model = restore_models(run, {"model": lambda: build_model(cfg.model, kind, cfg.lora, cfg.train.seed)})["model"]
+    if model.config.block_size < cfg.data.max_length:
+        raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
+                          f"(block_size {model.config.block_size})")
+    return model, forward_fn(model, run)
+
+
+def eval_chunks(examples: list, cfg) -> list[list]:
+    """The evaluation set in micro-batches, at most train.eval_batches of them."""
+    size = cfg.train.micro_batch_size or cfg.train.batch_size
+    return [examples[i:i + size] for i in range(0, len(examples), size)][: cfg.train.eval_batches]
 
 
 def forward_fn(model: nn.Module, run: Run) -> nn.Module:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 from ..checkpoint import load_pretrained
 from ..config import ConfigError, PPOArgs, PPOConfig, resolve_input
@@ -38,11 +37,7 @@ from ..rl import (AdaptiveKLController, FixedKLController, gae, kl_estimators, l
                   masked_whiten, per_token_rewards)
 from ..tokenizer import EOT_TOKEN, get_tokenizer
 from ..tracking import Tracker
-from .common import Run, Stepper, build_model, cli, open_run, restore_models, resume_step, save
-
-
-class RewardError(ValueError):
-    """A reward function that returned the wrong number of scores, or non-finite ones."""
+from .common import RewardError, Run, Stepper, build_model, cli, open_run, restore_models, resume_step, save
 
 
 @dataclass

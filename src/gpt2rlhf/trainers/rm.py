@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, RMConfig
+from ..config import RMConfig
 from ..data import collate_pairs, pair_examples, train_eval_records
 from ..losses import pairwise_loss
 from ..model import last_token_index
 from ..tokenizer import get_tokenizer
-from .common import build_model, cli, fit, forward_fn, open_run, restore_models, to_device
+from .common import cli, eval_chunks, fit, open_run, supervised_model, to_device
 
 
 def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,19 +46,14 @@ def train(cfg: RMConfig, resume: str | Path | None = None) -> Path:
     run.print(train_stats.report() + "\n" + eval_stats.report())
 
     # 2. model
-    model = restore_models(run, {"model": lambda: build_model(cfg.model, "scalar", cfg.lora, cfg.train.seed)})["model"]
-    if model.config.block_size < cfg.data.max_length:
-        raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
-                          f"(block_size {model.config.block_size})")
-    forward = forward_fn(model, run)
+    model, forward = supervised_model(run, "scalar")
 
     def loss_fn(batch):
         chosen, rejected = pair_rewards(forward, batch)
         return pairwise_loss(chosen, rejected), pair_metrics(chosen.detach(), rejected.detach())
 
     # 4. eval over every held-out pair
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    eval_batches = [eval_ex[i:i + micro] for i in range(0, len(eval_ex), micro)][: cfg.train.eval_batches]
+    eval_batches = eval_chunks(eval_ex, cfg)
 
     def evaluate():
         chosen, rejected = [], []

@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 
-from ..config import ConfigError, SFTConfig
+from ..config import SFTConfig
 from ..data import collate_sft, sft_examples, train_eval_records
 from ..losses import lm_loss
 from ..tokenizer import get_tokenizer
-from .common import build_model, cli, fit, forward_fn, open_run, restore_models, to_device
+from .common import cli, eval_chunks, fit, open_run, supervised_model, to_device
 
 
 def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
@@ -32,19 +31,14 @@ def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
     run.print(train_stats.report() + "\n" + eval_stats.report())
 
     # 2. model
-    model = restore_models(run, {"model": lambda: build_model(cfg.model, "lm", cfg.lora, cfg.train.seed)})["model"]
-    if model.config.block_size < cfg.data.max_length:
-        raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
-                          f"(block_size {model.config.block_size})")
-    forward = forward_fn(model, run)
+    model, forward = supervised_model(run, "lm")
 
     def loss_fn(batch):
         logits = forward(batch["input_ids"], attention_mask=batch["attention_mask"])
         return lm_loss(logits, batch["input_ids"], batch["loss_mask"]), {}
 
     # 4. eval: the mean over every counted token of the eval set
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    eval_batches = [eval_ex[i:i + micro] for i in range(0, len(eval_ex), micro)][: cfg.train.eval_batches]
+    eval_batches = eval_chunks(eval_ex, cfg)
 
     def evaluate():
         total, count = 0.0, 0

@@ -1,0 +1,142 @@
+"""The LLM judge through the real openai client, against a scripted OpenAI-compatible
+server on 127.0.0.1: verdict parsing, the order swap, retries, resume, and key errors."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from gpt2rlhf.judge import (Judge, JudgeError, JudgeSettings, combine, parse_verdict, resolve_api_key,
+                            win_rate)
+
+
+class ScriptedJudge:
+    """A chat-completions server whose verdicts depend on the responses it is shown:
+    GOOD beats anything; POSITION always answers A; TIE answers tie; MALFORMED answers
+    without a verdict line; RATE, ERR and SLOW fail once (429, 500, a delay past the
+    client's timeout) and then answer; DOWN always answers 500."""
+
+    def __init__(self):
+        self.requests, self.failed_once = [], set()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][-1]["content"]
+                a = text.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
+                b = text.split("[Response B]\n")[1].split("\n\nCompare")[0]
+                owner.requests.append((a, b))
+                status, reply, delay = owner.answer(a, b)
+                time.sleep(delay)
+                payload = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": reply}}]}).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (the SLOW case)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, a, b):
+        both = a + b
+        for trouble, status, delay in (("RATE", 429, 0), ("ERR", 500, 0), ("SLOW", 200, 3.0)):
+            if trouble in both and (a, b) not in self.failed_once:
+                self.failed_once.add((a, b))
+                return status, "Verdict: A", delay
+        if "DOWN" in both:
+            return 500, "", 0
+        if "MALFORMED" in both:
+            return 200, "Both are fine, I cannot decide.", 0
+        if "POSITION" in both:
+            return 200, "The first one.\nVerdict: A", 0
+        if "TIE" in both:
+            return 200, "Equally good.\nVerdict: tie", 0
+        return 200, "Reasoning...\n**Verdict: A**" if "GOOD" in a else "Reasoning...\nVerdict: B", 0
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def server():
+    s = ScriptedJudge()
+    yield s
+    s.close()
+
+
+def settings(server, **kw):
+    return JudgeSettings(model="scripted", base_url=server.url, api_key=resolve_api_key(None, server.url),
+                         timeout=kw.pop("timeout", 1.0), max_retries=kw.pop("max_retries", 3), **kw)
+
+
+ITEMS = [("win", "p", "GOOD answer", "weak answer"), ("loss", "p", "weak answer", "GOOD answer"),
+         ("biased", "p", "POSITION x", "POSITION y"), ("tie", "p", "TIE x", "TIE y"),
+         ("invalid", "p", "MALFORMED x", "MALFORMED y")]
+
+
+def test_order_swap_and_counts(server, tmp_path):
+    outcomes, failed = Judge(settings(server), tmp_path / "judgements.jsonl").judge(ITEMS)
+    assert failed == 0
+    assert outcomes == {"win": "win", "loss": "loss", "biased": "tie", "tie": "tie", "invalid": "invalid"}
+    assert len(server.requests) == 2 * len(ITEMS)  # every pair asked in both orders
+    assert ("GOOD answer", "weak answer") in server.requests and ("weak answer", "GOOD answer") in server.requests
+    summary = win_rate(list(outcomes.values()))
+    assert (summary["win"], summary["tie"], summary["loss"], summary["invalid"], summary["n"]) == (1, 2, 1, 1, 4)
+    assert summary["win_rate"] == 0.5 and summary["ci_low"] < 0.5 < summary["ci_high"]
+
+
+def test_429_500_and_timeouts_are_retried(server, tmp_path):
+    items = [("rate", "p", "GOOD RATE", "x RATE"), ("err", "p", "GOOD ERR", "x ERR"), ("slow", "p", "GOOD SLOW", "x SLOW")]
+    outcomes, failed = Judge(settings(server), tmp_path / "j.jsonl").judge(items)
+    assert failed == 0 and outcomes == {"rate": "win", "err": "win", "slow": "win"}
+    assert len(server.requests) == 2 * 3 + 3 * 2  # each troubled pair needed a second try, in both orders
+
+
+def test_an_interrupted_run_resumes_without_asking_twice(server, tmp_path):
+    log = tmp_path / "j.jsonl"
+    items = ITEMS[:2] + [("down", "p", "GOOD DOWN", "x DOWN")]
+    outcomes, failed = Judge(settings(server, max_retries=0), log).judge(items)
+    assert failed == 2 and "down" not in outcomes  # the server kept failing: not counted, not logged
+    asked = list(server.requests)
+    assert len(log.read_text().splitlines()) == 4
+    server.answer = lambda a, b: (200, "Verdict: A" if "GOOD" in a else "Verdict: B", 0)  # the server recovers
+    outcomes, failed = Judge(settings(server), log).judge(items)
+    assert failed == 0 and outcomes == {"win": "win", "loss": "loss", "down": "win"}
+    again = server.requests[len(asked):]
+    assert sorted(again) == sorted([("GOOD DOWN", "x DOWN"), ("x DOWN", "GOOD DOWN")])  # only what was missing
+
+
+def test_verdict_parsing_and_combining():
+    assert parse_verdict("blah\nVerdict: B") == "B"
+    assert parse_verdict("Verdict: A\n...\nVerdict: tie") == "tie"
+    assert parse_verdict("**Verdict:** a") == "A"
+    assert parse_verdict("I pick A") is None and parse_verdict(None) is None
+    assert combine("A", "B") == "win" and combine("B", "A") == "loss"
+    assert combine("A", "A") == "tie" and combine("tie", "tie") == "tie" and combine("A", None) == "invalid"
+
+
+def test_keys(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(JudgeError, match="set OPENAI_API_KEY, or pass --key-file"):
+        resolve_api_key(None, "https://api.openai.com/v1")
+    assert resolve_api_key(None, "http://127.0.0.1:8000/v1") == "not-needed"
+    key = tmp_path / "openai.key"
+    key.write_text('{"api_key": "sk-test"}')
+    assert resolve_api_key(str(key), None) == "sk-test"
+    key.write_text("sk-plain\n")
+    assert resolve_api_key(str(key), None) == "sk-plain"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    assert resolve_api_key(str(key), None) == "sk-env"

@@ -144,8 +144,11 @@ def load_pretrained(source: str | Path, kind: str = "lm") -> nn.Module:
         path = latest
     if path.is_dir() and (path / META_FILE).exists():
         meta = read_meta(path)
-        src_kind = next(iter(meta["models"].values())).get("kind")
-        if src_kind == kind or len(meta["models"]) > 1:
+        models = meta["models"]
+        if len(models) > 1:  # a PPO checkpoint: its actor is the language model, its critic the scalar one
+            return merge_lora(load_model(path, "actor" if kind == "lm" else "critic", kind=kind))
+        src_kind = next(iter(models.values())).get("kind")
+        if src_kind == kind:
             return merge_lora(load_model(path, kind=kind))  # a starting point is a plain model
         if not (src_kind == "lm" and kind == "scalar"):
             load_model(path, kind=kind)  # raises the kind error

@@ -1,0 +1,118 @@
+"""Evaluation: responses of several models on one prompt set, offline metrics, and the
+LLM judge's verdicts, written up as a report (markdown, PNG, TensorBoard).
+
+    1. prompts      a dataset file or hub name (HH-RLHF test prompts by default)
+    2. responses    each model samples with the same settings and seed; cached as JSONL
+    3. metrics      mean response length, distinct-1/2, mean reward-model score, KL to a
+                    reference model (k1, summed over the response) - no API needed
+    4. judge        the first model against each other one, both orders (judge.py)
+    5. report       report.md, win_rates.png, TensorBoard scalars, summary.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import left_pad
+from .generation import generate
+from .rl import logprobs_from_logits
+from .tokenizer import EOT_TOKEN
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+
+
+def distinct_n(responses: list[list[int]], n: int) -> float:
+    """Unique n-grams / all n-grams over every response (Li et al. 2016)."""
+    grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def sample_responses(model, prompts: list[list[int]], s: SamplingSettings, device) -> list[list[int]]:
+    """Response token ids for every prompt, in order; a response that stopped ends in EOS."""
+    g = torch.Generator(device).manual_seed(s.seed)
+    out = []
+    for i in range(0, len(prompts), s.batch_size):
+        ids, mask = left_pad(prompts[i:i + s.batch_size])
+        gen = generate(model, ids.to(device), mask.to(device), max_new_tokens=s.max_new_tokens,
+                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_token_id=EOT_TOKEN,
+                       generator=g)
+        for row, m in zip(gen.tokens.tolist(), gen.mask.tolist()):
+            out.append([t for t, k in zip(row, m) if k])
+    return out
+
+
+def cached_responses(path: Path, label: str, load_model, prompts, s: SamplingSettings, device) -> list[list[int]]:
+    """Responses from `path` if they were made with the same prompts and settings, else
+    sampled (loading the model only then) and written there."""
+    key = {"settings": asdict(s), "prompts": prompts}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["responses"]
+    responses = sample_responses(load_model().to(device).eval(), prompts, s, device)
+    path.write_text(json.dumps({"label": label, "key": key, "responses": responses}))
+    return responses
+
+
+@torch.no_grad()
+def sequence_scores(model, prompts, responses, device, batch_size: int = 16, reference=None, temperature=1.0):
+    """Per response: the reward model's score at its last token, or (with `reference`) the
+    summed log-ratio log pi(y|x) - log pi_ref(y|x) of its tokens (the k1 KL estimate)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        P, R = prompts[i:i + batch_size], [r or [EOT_TOKEN] for r in responses[i:i + batch_size]]
+        q, qm = left_pad(P)
+        T = max(len(r) for r in R)
+        resp = torch.full((len(R), T), EOT_TOKEN, dtype=torch.long)
+        rm = torch.zeros(len(R), T, dtype=torch.long)
+        for j, r in enumerate(R):
+            resp[j, :len(r)], rm[j, :len(r)] = torch.tensor(r), 1
+        ids, mask = torch.cat([q, resp], 1).to(device), torch.cat([qm, rm], 1).to(device)
+        if reference is None:
+            out += model.score_last(ids, mask).float().tolist()
+        else:
+            lp = [logprobs_from_logits(m(ids, attention_mask=mask)[:, q.size(1) - 1:-1], resp.to(device), temperature)
+                  for m in (model, reference)]
+            out += ((lp[0] - lp[1]) * rm.to(device)).sum(1).tolist()
+    return out
+
+
+def text_of(enc, tokens: list[int]) -> str:
+    return enc.decode([t for t in tokens if t != EOT_TOKEN])
+
+
+def bar_chart(path: Path, comparisons: dict[str, dict]):
+    """Stacked win / tie / loss bars, one per comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.6 * len(comparisons)))
+    for y, (name, c) in enumerate(comparisons.items()):
+        n = max(1, c["win"] + c["tie"] + c["loss"])
+        left = 0.0
+        for part, color in (("win", "#2e7d32"), ("tie", "#9e9e9e"), ("loss", "#c62828")):
+            ax.barh(y, c[part] / n, left=left, color=color, label=part if y == 0 else None)
+            left += c[part] / n
+        ax.text(1.01, y, f"{c['win_rate']:.0%} [{c['ci_low']:.0%}, {c['ci_high']:.0%}]", va="center")
+    ax.set_yticks(range(len(comparisons)), list(comparisons))
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of judged prompts (both orders agreeing; disagreement = tie)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

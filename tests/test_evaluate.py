@@ -1,0 +1,102 @@
+"""python evaluate.py as a user runs it: two tiny models, a local judge server, the report,
+a resumed run that asks nothing twice, and the errors a user can fix."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_judge import ScriptedJudge
+
+from gpt2rlhf.checkpoint import save_checkpoint
+from gpt2rlhf.model import GPT, GPTConfig, GPTScalar
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+HH = [{"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: Answer {i}.", "rejected": "\n\nHuman: Question {i}?\n\nAssistant: No."}
+      for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        paths.append(str(save_checkpoint(tmp / f"m{seed}" / "step_00000001", {"model": GPT(config)})))
+    rm = save_checkpoint(tmp / "rm" / "step_00000001", {"model": GPTScalar(config)})
+    prompts = tmp / "hh.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in HH))
+    return tmp, paths, str(rm), str(prompts)
+
+
+def evaluate(*args, env=None):
+    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=SRC, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def longer_wins(a, b):
+    verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+    return 200, f"Longer is better.\nVerdict: {verdict}", 0
+
+
+def test_report_and_resume(setup, tmp_path):
+    tmp, (m1, m2), rm, prompts = setup
+    server = ScriptedJudge()
+    server.answer = longer_wins
+    try:
+        out = tmp_path / "eval"
+        args = ["-m", m1, "-m", m2, "--names", "one,two", "--prompts", prompts, "--num-prompts", "6",
+                "--max-new-tokens", "8", "--reward-model", rm, "--base-url", server.url, "--judge-model", "scripted",
+                "--out", str(out), "--device", "cpu"]
+        res = evaluate(*args)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert len(server.requests) == 12  # 6 prompts x 2 orders
+        summary = json.loads((out / "summary.json").read_text())
+        c = summary["comparisons"]["one vs two"]
+        assert c["win"] + c["tie"] + c["loss"] + c["invalid"] == 6 and c["failed"] == 0
+        for name in ("one", "two"):
+            m = summary["metrics"][name]
+            assert {"mean_length", "distinct_1", "distinct_2", "rm_score", "kl_to_reference"} <= set(m)
+        assert summary["metrics"]["two"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # two is the reference
+        assert (out / "win_rates.png").stat().st_size > 1000 and "| one vs two |" in (out / "report.md").read_text()
+        assert "sk-" not in res.stdout + res.stderr
+
+        again = evaluate(*args)  # same command: cached responses, every judgement already logged
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert len(server.requests) == 12
+        assert json.loads((out / "summary.json").read_text())["comparisons"] == summary["comparisons"]
+    finally:
+        server.close()
+
+
+def test_dry_run_counts_the_requests(setup, tmp_path):
+    _, (m1, m2), _, prompts = setup
+    res = evaluate("-m", m1, "-m", m2, "--prompts", prompts, "--dry-run", "--base-url", "http://127.0.0.1:9/v1",
+                   "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "[Response A]" in res.stdout and "<response of m1>" in res.stdout and "12 judge requests" in res.stdout
+
+
+def test_errors_a_user_can_fix(setup, tmp_path):
+    import os
+
+    _, (m1, m2), _, prompts = setup
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    res = evaluate("-m", m1, "-m", m2, "--prompts", prompts, "--out", str(tmp_path), env=env)
+    assert res.returncode == 2 and "set OPENAI_API_KEY" in res.stderr and "Traceback" not in res.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = evaluate("-m", m1, "-m", m2, "--prompts", str(empty), "--no-judge", "--out", str(tmp_path))
+    assert res.returncode == 2 and "holds no records" in res.stderr
+    other = save_checkpoint(tmp_path / "small" / "step_00000001",
+                            {"model": GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=1, n_head=2, n_embd=16))})
+    res = evaluate("-m", m1, "-m", str(other), "--prompts", prompts, "--no-judge", "--max-new-tokens", "8",
+                   "--out", str(tmp_path / "v"))
+    assert res.returncode == 2 and "vocabulary of 300 tokens" in res.stderr and "one tokenizer" in res.stderr
+    res = evaluate("-m", m1, "-m", m2, "--prompts", prompts, "--base-url", "http://127.0.0.1:9/v1", "--max-retries", "0",
+                   "--timeout", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "unreachable"), env=env)
+    assert res.returncode == 2 and "every judge request failed" in res.stderr and "reachable" in res.stderr
+    assert (tmp_path / "unreachable" / "responses_m1.json").exists()  # the generation is kept for the rerun

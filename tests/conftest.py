@@ -73,3 +73,20 @@ def write_reviews(path: Path, n: int = 48, seed: int = 0) -> str:
 TINY_ARGS = ["--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "64",
              "--data.max_length", "48", "--data.eval_size", "8", "-b", "4", "--train.log_every", "1",
              "--optim.warmup_steps", "2"]
+
+
+def kill_after_checkpoint(cmd: list[str], cwd: Path, out: Path, step: int, timeout: float = 240) -> Path:
+    """Start a training command, SIGKILL it as soon as checkpoint `step` exists under
+    `out`, and return its run folder."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(out.glob(f"*/checkpoints/step_{step:08d}")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = out.iterdir()
+    return run_dir

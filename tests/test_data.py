@@ -171,8 +171,11 @@ def test_empty_dataset_and_missing_files(tmp_path):
 
 def test_all_examples_over_long_is_an_error(tmp_path):
     ds = load_records(jsonl(tmp_path / "t.jsonl", [{"text": "word " * 40}] * 3), "data.train")
-    with pytest.raises(DataError, match=r"every example is longer than data.max_length=8"):
+    with pytest.raises(DataError, match=r"every example is over twice data.max_length=8"):
         sft_examples(ds, DataArgs(max_length=8, max_prompt_length=0), ENC, "data.train")
+    # cutting every review to its first tokens is the documented policy, not an error
+    examples, stats = sft_examples(ds, DataArgs(max_length=30, max_prompt_length=0), ENC, "data.train")
+    assert stats.truncated == 3 and stats.overlong == 0 and len(examples) == 3
 
 
 def test_a_hub_name_offline_says_how_to_pass_local_files(monkeypatch):

@@ -1,17 +1,15 @@
 """PPO: the phases, a learning run on a tiny model, bad input, and exact resume."""
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_reviews
+from conftest import kill_after_checkpoint, write_reviews
 
 from gpt2rlhf.checkpoint import CheckpointError, latest_checkpoint, load_model, load_trainer_state, save_checkpoint
-from gpt2rlhf.config import DataArgs, PPOArgs, PPOConfig, load_config, parse_overrides
+from gpt2rlhf.config import PPO_FLAGS, DataArgs, PPOArgs, PPOConfig, load_config, parse_overrides
 from gpt2rlhf.data import load_records, prompt_examples
 from gpt2rlhf.model import GPT, GPTConfig, GPTScalar
 from gpt2rlhf.tokenizer import EOT_TOKEN, get_tokenizer
@@ -44,9 +42,6 @@ def small_cfg(tmp_path, *extra):
         "--ppo.mini_batch_size", "16", "--ppo.max_new_tokens", "8", "--ppo.kl_coef", "0.01",
         "--ppo.normalization_samples", "64", "--optim.lr", "1e-2", "--critic_optim.lr", "3e-3",
         "--train.save_every", "0", "--prompts.max_tokens", "4", *extra], PPO_FLAGS))
-
-
-from gpt2rlhf.config import PPO_FLAGS  # noqa: E402
 
 
 def dollar_share(texts):
@@ -132,14 +127,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     reference = latest_checkpoint(ref_run / "checkpoints")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, *args, "--run.out_dir", str(out)], cwd=SRC,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("*/checkpoints/step_00000004")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (run_dir,) = out.iterdir()
+    run_dir = kill_after_checkpoint([sys.executable, *args, "--run.out_dir", str(out)], SRC, out, 4)
     killed_at = load_trainer_state(latest_checkpoint(run_dir / "checkpoints"))["step"]
     assert 4 <= killed_at < 16
     resumed = subprocess.run([sys.executable, "training/train_ppo.py", "--resume", str(run_dir)], cwd=SRC,

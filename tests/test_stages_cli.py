@@ -1,14 +1,12 @@
 """The stage entry points as a user runs them: subprocesses from src/, their run folders,
 TensorBoard files read back by TensorBoard, and exact resume after SIGKILL."""
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, write_reviews
+from conftest import TINY_ARGS, kill_after_checkpoint, write_reviews
 
 from gpt2rlhf.checkpoint import latest_checkpoint, load_model, load_trainer_state, read_meta
 
@@ -87,14 +85,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, reviews, scrip
     reference = weights(latest_checkpoint(only_run(tmp_path / "whole", "").joinpath("checkpoints")))
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, f"training/{script}", *args, "--run.out_dir", str(out)], cwd=SRC,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("*/checkpoints/step_00000008")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_dir = only_run(out, "")
+    run_dir = kill_after_checkpoint([sys.executable, f"training/{script}", *args, "--run.out_dir", str(out)], SRC, out, 8)
     killed_at = load_trainer_state(latest_checkpoint(run_dir / "checkpoints"))["step"]
     assert 8 <= killed_at < steps, "the kill should land in the middle of the run"
 

@@ -150,6 +150,7 @@ class Stats:
     examples: int = 0
     empty: int = 0
     truncated: int = 0
+    overlong: int = 0  # over twice max_length: truncation kept less than half
     unusable: dict = field(default_factory=dict)
 
     def skip(self, reason: str):
@@ -157,7 +158,8 @@ class Stats:
 
     def report(self) -> str:
         parts = [f"{self.name}: {self.records} records -> {self.examples} examples",
-                 f"{self.truncated} truncated", f"{self.empty} empty (dropped)"]
+                 f"{self.truncated} truncated ({self.overlong} to under half their length)",
+                 f"{self.empty} empty (dropped)"]
         parts += [f"{n} {reason} (dropped)" for reason, n in self.unusable.items()]
         return ", ".join(parts)
 
@@ -206,7 +208,8 @@ def truncate(prompt: list[int], response: list[int], max_length: int, max_prompt
 
 
 def encode_pairs(enc, items: list[tuple[str, str]], args: DataArgs, stats: Stats, truncate_long: bool = True):
-    """[(prompt ids, response ids + EOS, truncated?)] cut to max_length, or None where a
+    """[(prompt ids, response ids + EOS, truncated?, over twice max_length?)] cut to
+    max_length, or None where a
     response is empty (counted). Tokenised in batches (tiktoken's threads)."""
     keep = [i for i, (_, r) in enumerate(items) if r.strip()]
     stats.empty += len(items) - len(keep)
@@ -215,7 +218,9 @@ def encode_pairs(enc, items: list[tuple[str, str]], args: DataArgs, stats: Stats
     out: list = [None] * len(items)
     for i, p, r in zip(keep, prompts, responses):
         r = r + [EOT_TOKEN]
-        out[i] = truncate(p, r, args.max_length, args.max_prompt_length) if truncate_long else (p, r, False)
+        overlong = len(p) + len(r) > 2 * args.max_length
+        out[i] = (*truncate(p, r, args.max_length, args.max_prompt_length), overlong) if truncate_long \
+            else (p, r, False, False)
     return out
 
 
@@ -245,8 +250,9 @@ def sft_examples(ds, args: DataArgs, enc, name: str) -> tuple[list[dict], Stats]
     for ids in encode_pairs(enc, items, args, stats, truncate_long=not args.packing):
         if ids is None:
             continue
-        p, r, cut = ids
+        p, r, cut, overlong = ids
         stats.truncated += cut
+        stats.overlong += overlong
         mask = ([1] * len(p) if args.loss_on == "all" else [0] * len(p)) + [1] * len(r)
         examples.append({"input_ids": p + r, "loss_mask": mask})
     stats.examples = len(examples)
@@ -268,8 +274,8 @@ def _require(examples, stats: Stats, args: DataArgs):
     """No example left, or every one over-long: stop before training, saying why."""
     if not examples:
         raise DataError(f"{stats.report()}: no usable example is left")
-    if stats.truncated == stats.examples:
-        raise DataError(f"{stats.report()}: every example is longer than data.max_length={args.max_length}; "
+    if stats.overlong == stats.examples:  # truncation is a policy; losing over half of every example is a mistake
+        raise DataError(f"{stats.report()}: every example is over twice data.max_length={args.max_length}; "
                         f"raise data.max_length" + (" or set data.packing true" if "chosen" not in examples[0] else ""))
 
 
@@ -328,6 +334,7 @@ def pair_examples(ds, args: DataArgs, enc, name: str, seed: int = 0) -> tuple[li
         if c is None or r is None:
             continue
         stats.truncated += c[2] or r[2]
+        stats.overlong += c[3] or r[3]
         if c[:2] == r[:2]:  # truncation cut away all that told them apart
             stats.skip("pairs identical after truncation")
             continue

@@ -10,7 +10,7 @@ model, so that "adapters off" really is the SFT reference: TRL issues #250, #495
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import loralib
@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .model import from_known_fields
 
 # Short names for the projections of every block, and the LM head.
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
@@ -58,11 +60,7 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "lora config") -> "LoraConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown LoraConfig field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**d)
+        return from_known_fields(cls, d, source)
 
     def to_dict(self) -> dict:
         d = asdict(self)

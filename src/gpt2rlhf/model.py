@@ -76,14 +76,19 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "GPTConfig":
         """Build from a dict (a checkpoint's JSON), naming unknown fields instead of a TypeError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown GPTConfig field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**d)
+        return from_known_fields(cls, d, source)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def from_known_fields(cls, d: dict, source: str):
+    """cls(**d) for a config dataclass, with an error naming `source` and any unknown field."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(known)}")
+    return cls(**d)
 
 
 class KVCache:

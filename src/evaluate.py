@@ -6,6 +6,8 @@ Usage, from src/ (or from the repository root as python src/evaluate.py):
     python evaluate.py -m A -m B --base-url http://127.0.0.1:8000/v1 --judge-model llama3
     python evaluate.py -m A -m B --dry-run          # a sample judging prompt and the request count
     python evaluate.py -m A -m B --no-judge         # offline metrics only
+    python evaluate.py --config ../configs/imdb/eval.yaml -m ../runs/ppo_imdb_<time> -m ../runs/sft_imdb_<time> \
+        --reward-model ../runs/rm_imdb_<time> --no-judge    # the IMDB experiment's report
 
 Models (-m, two or more): our checkpoints or run folders (a PPO run gives its actor), Hugging
 Face folders or hub names. Prompts: --prompts (a file or hub dataset; HH-RLHF's test split by
@@ -14,6 +16,10 @@ seed; responses are cached in the output folder. Judge: --judge-model, --base-ur
 from OPENAI_API_KEY or --key-file (the original tool's openai.key JSON works; a local server
 needs none), --concurrency, --timeout, --max-retries. Every judgement is appended to
 judgements.jsonl at once: rerunning the same command asks only what is missing.
+Sentiment: --sentiment-train (labelled reviews, e.g. IMDB train) fits an independent
+TF-IDF + logistic-regression classifier that scores every response (share judged positive);
+--sentiment-test reports its accuracy. --config FILE: a YAML mapping of these options
+(names with _ or -), e.g. configs/imdb/eval.yaml; the command line wins over it.
 Output (--out, default runs/eval_<time>/): report.md, win_rates.png, summary.json,
 responses_*.json, judgements.jsonl, TensorBoard scalars.
 """
@@ -21,7 +27,9 @@ responses_*.json, judgements.jsonl, TensorBoard scalars.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # src/, for runs witho
 import torch  # noqa: E402
 
 from gpt2rlhf.checkpoint import CheckpointError, load_pretrained  # noqa: E402
-from gpt2rlhf.config import DataArgs, resolve_input, resolve_output  # noqa: E402
+from gpt2rlhf.config import ConfigError, DataArgs, load_yaml, resolve_input, resolve_output  # noqa: E402
 from gpt2rlhf.data import DataError, load_records, prompt_examples  # noqa: E402
 from gpt2rlhf.evaluation import (SamplingSettings, bar_chart, cached_responses, distinct_n,  # noqa: E402
-                                 sequence_scores, text_of)
+                                 response_logprobs, reward_scores, sample_table, text_of)
 from gpt2rlhf.judge import Judge, JudgeError, JudgeSettings, resolve_api_key, win_rate  # noqa: E402
 from gpt2rlhf.tokenizer import EOT_TOKEN, get_tokenizer  # noqa: E402
 
@@ -50,13 +58,19 @@ def parse(argv):
     p.add_argument("--prompt-min-tokens", type=int, default=0, help="text prompts: the first k tokens, k >= this")
     p.add_argument("--prompt-max-tokens", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reward-model", help="a reward-model checkpoint: mean RM score per model")
-    p.add_argument("--reference", help="the model KL is measured against (default: the last -m)")
+    p.add_argument("--reference", help="the model KL and perplexity are measured against (default: the last -m)")
+    p.add_argument("--sentiment-train", help="labelled reviews ({text, label}) to fit the sentiment judge on")
+    p.add_argument("--sentiment-test", help="labelled reviews to measure the sentiment judge's accuracy on")
+    p.add_argument("--sentiment-input", choices=["response", "prompt+response"], default="response",
+                   help="what the sentiment judge reads (default: the response alone, the model's own text)")
+    p.add_argument("--samples", type=int, default=8, help="sample responses shown side by side in the report")
     p.add_argument("--judge-model", default="gpt-4o-mini")
     p.add_argument("--base-url", default=None, help="an OpenAI-compatible server (default: OpenAI)")
     p.add_argument("--key-file", default=None, help="a file with the API key (JSON {\"api_key\": ...} or plain)")
@@ -67,10 +81,42 @@ def parse(argv):
     p.add_argument("--dry-run", action="store_true", help="print a sample judging prompt and the request count")
     p.add_argument("--out", default=None, help="output folder (default runs/eval_<time>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", help="a YAML file of these options (the command line wins)")
+    known, _ = p.parse_known_args(argv)
+    if known.config:
+        try:
+            p.set_defaults(**config_defaults(p, known.config))
+        except ConfigError as e:
+            p.error(str(e))
     args = p.parse_args(argv)
     if len(args.model) < 2:
         p.error("give at least two models with -m")
     return args
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Option defaults from a YAML mapping; an unknown key is named with the closest option."""
+    data = load_yaml(path)
+    options = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "model")}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in options:
+            close = difflib.get_close_matches(dest, list(options), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{resolve_input(path)}: unknown option '{key}'{hint}")
+        action = options[dest]
+        if action.type is not None and value is not None and not isinstance(value, list):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{resolve_input(path)}: option '{key}' expects {action.type.__name__}, "
+                                  f"got {value!r}") from None
+        if action.choices and value not in action.choices:
+            raise ConfigError(f"{resolve_input(path)}: option '{key}' must be one of {action.choices}, "
+                              f"got {value!r}")
+        out[dest] = value
+    return out
 
 
 def default_names(sources: list[str]) -> list[str]:
@@ -117,7 +163,9 @@ def run(args) -> Path:
         return out
 
     # 2. responses, one model in memory at a time
-    s = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.batch_size)
+    s = SamplingSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         batch_size=args.batch_size)
     def loader(source, name):
         def load():
             model = load_pretrained(resolve_input(source), kind="lm")
@@ -138,19 +186,30 @@ def run(args) -> Path:
     if args.reward_model:
         rm = load_pretrained(resolve_input(args.reward_model), kind="scalar").to(args.device).eval()
         for name, rs in responses.items():
-            scores = sequence_scores(rm, prompts, rs, args.device, args.batch_size)
+            scores = reward_scores(rm, prompts, rs, args.device, args.batch_size)
             metrics[name]["rm_score"] = sum(scores) / len(scores)
         del rm
     ref_source = args.reference or args.model[-1]
     reference = load_pretrained(resolve_input(ref_source), kind="lm").to(args.device).eval()
+    ref_lp = {}  # at the sampling temperature (for KL) and at 1 (for perplexity)
+    for temp in {s.temperature, 1.0}:
+        ref_lp[temp] = {name: response_logprobs(reference, prompts, rs, args.device, args.batch_size, temp)
+                        for name, rs in responses.items()}
     for name, src in zip(names, args.model):
         model = load_pretrained(resolve_input(src), kind="lm").to(args.device).eval()
         if model.config.vocab_size != reference.config.vocab_size:
             raise ValueError(f"{name} and the reference {ref_source} have different vocabularies "
                              f"({model.config.vocab_size} vs {reference.config.vocab_size}): not the same tokenizer")
-        kl = sequence_scores(model, prompts, responses[name], args.device, args.batch_size, reference, s.temperature)
-        metrics[name]["kl_to_reference"] = sum(kl) / len(kl)
+        lp, _ = response_logprobs(model, prompts, responses[name], args.device, args.batch_size, s.temperature)
+        ref_sum, _ = ref_lp[s.temperature][name]
+        metrics[name]["kl_to_reference"] = sum(a - b for a, b in zip(lp, ref_sum)) / len(lp)
+        nll, count = ref_lp[1.0][name]
+        metrics[name]["reference_perplexity"] = math.exp(-sum(nll) / max(1, sum(count)))
         del model
+    del reference
+    sentiment = None
+    if args.sentiment_train:
+        sentiment = sentiment_scores(args, prompts, responses, enc, metrics)
 
     # 4. judge: the first model against each other one
     comparisons = {}
@@ -167,22 +226,67 @@ def run(args) -> Path:
             comparisons[f"{first} vs {other}"] = {**win_rate(list(outcomes.values())), "failed": failed}
 
     # 5. report
-    write_report(out, names, metrics, comparisons, args)
+    samples = sample_table([enc.decode(p) for p in prompts], {n: [text_of(enc, r) for r in rs]
+                                                             for n, rs in responses.items()},
+                           {n: [f"{p:.2f}" for p in probs] for n, probs in sentiment["positive"].items()}
+                           if sentiment else None, args.samples)
+    write_report(out, names, metrics, comparisons, args, samples, sentiment)
     print((out / "report.md").read_text())
     return out
 
 
-def write_report(out: Path, names, metrics, comparisons, args):
+def sentiment_scores(args, prompts, responses, enc, metrics) -> dict:
+    """Fit the independent sentiment judge, measure it, and score every model's responses:
+    share judged positive (P > 0.5) and mean P(positive), into `metrics`."""
+    from gpt2rlhf.sentiment import fit_sentiment_judge, labelled_texts, snippets
+
+    t0 = time.perf_counter()
+    texts, labels = labelled_texts(load_records(resolve_input(args.sentiment_train), "--sentiment-train"),
+                                   "--sentiment-train")
+    judge = fit_sentiment_judge(texts, labels)
+    info = {"fitted_on": len(texts), "fit_seconds": round(time.perf_counter() - t0, 1), "input": args.sentiment_input}
+    if args.sentiment_test:
+        texts, labels = labelled_texts(load_records(resolve_input(args.sentiment_test), "--sentiment-test", "test"),
+                                       "--sentiment-test")
+        info.update(test_reviews=len(texts), test_accuracy=judge.accuracy(texts, labels),
+                    snippet_accuracy=judge.accuracy(snippets(texts), labels))
+    print("sentiment judge: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in info.items()))
+    positive = {}
+    for name, rs in responses.items():
+        inputs = [(enc.decode(p) if args.sentiment_input == "prompt+response" else "") + text_of(enc, r)
+                  for p, r in zip(prompts, rs)]
+        positive[name] = judge.positive(inputs)
+        metrics[name]["positive_share"] = sum(p > 0.5 for p in positive[name]) / len(inputs)
+        metrics[name]["positive_prob"] = sum(positive[name]) / len(inputs)
+    return {"judge": info, "positive": positive}
+
+
+def write_report(out: Path, names, metrics, comparisons, args, samples=None, sentiment=None):
     from torch.utils.tensorboard import SummaryWriter
 
-    (out / "summary.json").write_text(json.dumps({"metrics": metrics, "comparisons": comparisons}, indent=2))
-    cols = ["mean_length", "distinct_1", "distinct_2", "no_eos_share", "rm_score", "kl_to_reference"]
+    summary = {"metrics": metrics, "comparisons": comparisons}
+    if sentiment:
+        summary["sentiment_judge"] = sentiment["judge"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    cols = ["positive_share", "positive_prob", "rm_score", "kl_to_reference", "reference_perplexity", "distinct_1",
+            "distinct_2", "mean_length", "no_eos_share"]
+    cols = [c for c in cols if any(c in m for m in metrics.values())]
     lines = ["# Evaluation", "", f"{args.num_prompts} prompts from `{args.prompts}`; sampling: temperature "
-             f"{args.temperature}, top-k {args.top_k}, top-p {args.top_p}, up to {args.max_new_tokens} new tokens, "
-             f"seed {args.seed}.", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             f"{args.temperature}, top-k {args.top_k}, top-p {args.top_p}, {args.min_new_tokens} to {args.max_new_tokens} "
+             f"new tokens, seed {args.seed}. KL (nats per response, k1) and perplexity are measured against "
+             f"`{args.reference or args.model[-1]}`.", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{metrics[name][c]:.4f}" if c in metrics[name] else "-"
                                                for c in cols) + " |")
+    if sentiment:
+        j = sentiment["judge"]
+        lines += ["", f"Sentiment judge: TF-IDF (word 1-2-grams) + logistic regression fitted on {j['fitted_on']} "
+                  f"reviews of `{args.sentiment_train}`, independent of the reward model; it reads the "
+                  f"{j['input']}; positive means P(positive) > 0.5."]
+        if "test_accuracy" in j:
+            lines[-1] += (f" Accuracy on {j['test_reviews']} reviews of `{args.sentiment_test}`: "
+                          f"{j['test_accuracy']:.1%} whole, {j['snippet_accuracy']:.1%} on 18-word snippets.")
     if comparisons:
         lines += ["", f"Judge: `{args.judge_model}` at {args.base_url or 'OpenAI'}; each prompt judged in both "
                   "orders, a verdict counts only when both agree (else tie); ties count half in the win rate.", "",
@@ -192,6 +296,9 @@ def write_report(out: Path, names, metrics, comparisons, args):
                          f"{c['win_rate']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}] |")
         bar_chart(out / "win_rates.png", comparisons)
         lines += ["", "![win rates](win_rates.png)"]
+    if samples:
+        lines += ["", "## Samples", "", "The first prompts, each model's response"
+                  + (" (its P(positive))" if sentiment else "") + ":", ""] + samples
     (out / "report.md").write_text("\n".join(lines) + "\n")
     writer = SummaryWriter(str(out))
     for name, m in metrics.items():

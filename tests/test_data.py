@@ -176,6 +176,10 @@ def test_all_examples_over_long_is_an_error(tmp_path):
     # cutting every review to its first tokens is the documented policy, not an error
     examples, stats = sft_examples(ds, DataArgs(max_length=30, max_prompt_length=0), ENC, "data.train")
     assert stats.truncated == 3 and stats.overlong == 0 and len(examples) == 3
+    # a preset that means to train on the beginnings says so
+    examples, stats = sft_examples(ds, DataArgs(max_length=8, max_prompt_length=0, openings_only=True), ENC,
+                                   "data.train")
+    assert stats.overlong == 3 and len(examples) == 3 and all(len(e["input_ids"]) == 8 for e in examples)
 
 
 def test_a_hub_name_offline_says_how_to_pass_local_files(monkeypatch):

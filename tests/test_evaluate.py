@@ -100,3 +100,38 @@ def test_errors_a_user_can_fix(setup, tmp_path):
                    "--timeout", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "unreachable"), env=env)
     assert res.returncode == 2 and "every judge request failed" in res.stderr and "reachable" in res.stderr
     assert (tmp_path / "unreachable" / "responses_m1.json").exists()  # the generation is kept for the rerun
+
+
+def test_sentiment_judge_config_and_samples(setup, tmp_path):
+    from conftest import write_reviews
+
+    _, (m1, m2), rm, _ = setup
+    reviews = write_reviews(tmp_path / "reviews.jsonl", n=40)
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"prompts: {reviews}\nnum_prompts: 6\nprompt_min_tokens: 2\nprompt_max_tokens: 4\n"
+                      f"min-new-tokens: 5\nmax_new_tokens: 6\ntemperature: 1.0\nsentiment_train: {reviews}\n"
+                      f"sentiment_test: {reviews}\nsamples: 3\n")
+    out = tmp_path / "eval"
+    res = evaluate("--config", str(config), "-m", m1, "-m", m2, "--names", "one,two", "--reward-model", rm,
+                   "--no-judge", "--max-new-tokens", "7", "--out", str(out), "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sentiment_judge"]["fitted_on"] == 40 and summary["sentiment_judge"]["test_accuracy"] == 1.0
+    for name in ("one", "two"):
+        m = summary["metrics"][name]
+        assert 0.0 <= m["positive_share"] <= 1.0 and 0.0 < m["positive_prob"] < 1.0
+        assert m["reference_perplexity"] > 1.0
+    assert summary["metrics"]["two"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    # the command line (7) wins over the config (6); the config's min_new_tokens holds
+    responses = json.loads((out / "responses_one.json").read_text())["responses"]
+    assert len(responses) == 6 and all(5 <= len(r) <= 7 for r in responses)
+    report = (out / "report.md").read_text()
+    assert "Sentiment judge" in report and "## Samples" in report
+    assert report.split("## Samples")[1].count("\n| ") == 1 + 3  # header, 3 prompts
+
+    config.write_text("num_prompt: 6\n")
+    res = evaluate("--config", str(config), "-m", m1, "-m", m2, "--no-judge", "--out", str(out))
+    assert res.returncode == 2 and "unknown option 'num_prompt'" in res.stderr and "num_prompts" in res.stderr
+    config.write_text("temperature: hot\n")
+    res = evaluate("--config", str(config), "-m", m1, "-m", m2, "--no-judge", "--out", str(out))
+    assert res.returncode == 2 and "'temperature' expects float" in res.stderr

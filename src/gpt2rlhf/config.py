@@ -140,6 +140,10 @@ class DataArgs:
     """Replace <br /> tags by newlines (IMDB reviews have them)."""
     max_length: int = 512
     """Tokens per example, prompt + response (+ EOS); longer ones are truncated and counted."""
+    openings_only: bool = False
+    """Train on the first max_length tokens of texts on purpose: no error when every example
+    loses over half to truncation (the IMDB reward model reads review openings as long as the
+    PPO prompts + continuations it will score). Truncation is still counted."""
     max_prompt_length: int | None = None
     """Tokens a prompt keeps at least when an example is too long (its end); None: max_length // 2."""
     max_examples: int | None = None

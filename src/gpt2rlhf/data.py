@@ -274,9 +274,11 @@ def _require(examples, stats: Stats, args: DataArgs):
     """No example left, or every one over-long: stop before training, saying why."""
     if not examples:
         raise DataError(f"{stats.report()}: no usable example is left")
-    if stats.overlong == stats.examples:  # truncation is a policy; losing over half of every example is a mistake
+    if stats.overlong == stats.examples and not args.openings_only:
+        # truncation is a policy; losing over half of every example is a mistake unless meant
         raise DataError(f"{stats.report()}: every example is over twice data.max_length={args.max_length}; "
-                        f"raise data.max_length" + (" or set data.packing true" if "chosen" not in examples[0] else ""))
+                        f"raise data.max_length" + (" or set data.packing true" if "chosen" not in examples[0] else "")
+                        + " (or set data.openings_only true if training on the beginnings is intended)")
 
 
 def collate_sft(batch: list[dict]) -> dict:

@@ -4,7 +4,9 @@ LLM judge's verdicts, written up as a report (markdown, PNG, TensorBoard).
     1. prompts      a dataset file or hub name (HH-RLHF test prompts by default)
     2. responses    each model samples with the same settings and seed; cached as JSONL
     3. metrics      mean response length, distinct-1/2, mean reward-model score, KL to a
-                    reference model (k1, summed over the response) - no API needed
+                    reference model (k1, summed over the response), perplexity of the
+                    responses under the reference, share judged positive by an
+                    independent sentiment classifier (sentiment.py) - no API needed
     4. judge        the first model against each other one, both orders (judge.py)
     5. report       report.md, win_rates.png, TensorBoard scalars, summary.json
 """
@@ -31,6 +33,7 @@ class SamplingSettings:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 16
+    min_new_tokens: int = 0
 
 
 def distinct_n(responses: list[list[int]], n: int) -> float:
@@ -47,7 +50,7 @@ def sample_responses(model, prompts: list[list[int]], s: SamplingSettings, devic
     for i in range(0, len(prompts), s.batch_size):
         ids, mask = left_pad(prompts[i:i + s.batch_size])
         gen = generate(model, ids.to(device), mask.to(device), max_new_tokens=s.max_new_tokens,
-                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_token_id=EOT_TOKEN,
+                       min_new_tokens=s.min_new_tokens,                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_token_id=EOT_TOKEN,
                        generator=g)
         for row, m in zip(gen.tokens.tolist(), gen.mask.tolist()):
             out.append([t for t, k in zip(row, m) if k])
@@ -67,11 +70,9 @@ def cached_responses(path: Path, label: str, load_model, prompts, s: SamplingSet
     return responses
 
 
-@torch.no_grad()
-def sequence_scores(model, prompts, responses, device, batch_size: int = 16, reference=None, temperature=1.0):
-    """Per response: the reward model's score at its last token, or (with `reference`) the
-    summed log-ratio log pi(y|x) - log pi_ref(y|x) of its tokens (the k1 KL estimate)."""
-    out = []
+def _batches(prompts, responses, batch_size):
+    """(prompt ids, prompt width, response ids, response mask, ids, mask) per batch: prompts
+    left-padded, responses right-padded after them (an empty response scores as one EOS)."""
     for i in range(0, len(prompts), batch_size):
         P, R = prompts[i:i + batch_size], [r or [EOT_TOKEN] for r in responses[i:i + batch_size]]
         q, qm = left_pad(P)
@@ -80,14 +81,45 @@ def sequence_scores(model, prompts, responses, device, batch_size: int = 16, ref
         rm = torch.zeros(len(R), T, dtype=torch.long)
         for j, r in enumerate(R):
             resp[j, :len(r)], rm[j, :len(r)] = torch.tensor(r), 1
-        ids, mask = torch.cat([q, resp], 1).to(device), torch.cat([qm, rm], 1).to(device)
-        if reference is None:
-            out += model.score_last(ids, mask).float().tolist()
-        else:
-            lp = [logprobs_from_logits(m(ids, attention_mask=mask)[:, q.size(1) - 1:-1], resp.to(device), temperature)
-                  for m in (model, reference)]
-            out += ((lp[0] - lp[1]) * rm.to(device)).sum(1).tolist()
+        yield q.size(1), resp, rm, torch.cat([q, resp], 1), torch.cat([qm, rm], 1)
+
+
+@torch.no_grad()
+def reward_scores(rm, prompts, responses, device, batch_size: int = 16) -> list[float]:
+    """The reward model's score of each (prompt, response), read at its last token."""
+    out = []
+    for _, _, _, ids, mask in _batches(prompts, responses, batch_size):
+        out += rm.score_last(ids.to(device), mask.to(device)).float().tolist()
     return out
+
+
+@torch.no_grad()
+def response_logprobs(model, prompts, responses, device, batch_size: int = 16, temperature: float = 1.0):
+    """(summed log pi(y|x) per response, token count per response) under `model` sampling at
+    `temperature`: the KL estimate is the difference of two models' sums (k1), the perplexity
+    exp(-sum / count) over all responses."""
+    sums, counts = [], []
+    for width, resp, rm, ids, mask in _batches(prompts, responses, batch_size):
+        logits = model(ids.to(device), attention_mask=mask.to(device))[:, width - 1:-1]
+        lp = logprobs_from_logits(logits, resp.to(device), temperature).float()
+        sums += (lp * rm.to(device)).sum(1).tolist()
+        counts += rm.sum(1).tolist()
+    return sums, counts
+
+
+def sample_table(prompts: list[str], texts: dict[str, list[str]], notes: dict[str, list[str]] | None = None,
+                 n: int = 8) -> list[str]:
+    """Markdown rows: the first n prompts, each model's response (with a note such as its
+    sentiment score) side by side."""
+    def cell(t: str) -> str:
+        return " ".join(t.split()).replace("|", "\\|") or "(empty)"
+    names = list(texts)
+    lines = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i in range(min(n, len(prompts))):
+        row = [cell(prompts[i])] + [cell(texts[m][i]) + (f" ({notes[m][i]})" if notes and m in notes else "")
+                                    for m in names]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def text_of(enc, tokens: list[int]) -> str:

@@ -1,0 +1,58 @@
+"""The README's main job, scripts/pipeline.sh, as a smoke run: a tiny model, a few steps per
+stage, on small IMDB-shaped files; every stage's output must exist and load."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import write_reviews
+
+from gpt2rlhf.checkpoint import latest_checkpoint, load_pretrained
+from gpt2rlhf.model import GPT, GPTScalar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_pipeline_smoke(tmp_path):
+    data = tmp_path / "imdb"
+    data.mkdir()
+    for split, seed in (("train", 0), ("test", 1)):
+        text = Path(write_reviews(tmp_path / f"{split}.jsonl", n=40, seed=seed)).read_bytes()
+        (data / f"imdb_{split}.jsonl.gz").write_bytes(gzip.compress(text))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "IMDB_DIR": str(data), "OUT_DIR": str(runs), "OPENAI_API_KEY": "",
+           "SFT_ARGS": "--model.n_layer 1 --model.n_head 2 --model.n_embd 32 --model.block_size 64 "
+                       "--data.max_length 48 --data.max_eval_examples 8",
+           "RM_ARGS": "--data.max_eval_examples 8",
+           "PPO_ARGS": "--ppo.mini_batch_size 2 --ppo.normalization_samples 4 --ppo.max_new_tokens 6 "
+                       "--ppo.min_new_tokens 2 --prompts.max_tokens 4 --data.eval_size 4",
+           "EVAL_ARGS": "--num-prompts 6 --batch-size 6 --max-new-tokens 6 --min-new-tokens 2 --samples 2"}
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "pipeline.sh"), "smoke", "--train.max_steps", "2", "-b", "4",
+                          "--train.device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    folders = {stage: sorted(runs.glob(f"{stage}_smoke_*")) for stage in ("sft", "rm", "ppo", "eval")}
+    assert all(len(f) == 1 for f in folders.values()), folders
+    sft, rm, ppo, ev = (folders[s][0] for s in ("sft", "rm", "ppo", "eval"))
+    for run in (sft, rm, ppo):
+        assert latest_checkpoint(run / "checkpoints") is not None and list(run.glob("events.out.tfevents.*")), run
+    assert isinstance(load_pretrained(str(sft), kind="lm"), GPT)
+    assert isinstance(load_pretrained(str(rm), kind="scalar"), GPTScalar)
+    assert isinstance(load_pretrained(str(ppo), kind="lm"), GPT)  # a PPO run gives its actor
+
+    summary = json.loads((ev / "summary.json").read_text())
+    for name in ("ppo", "sft"):
+        assert {"positive_share", "rm_score", "kl_to_reference", "reference_perplexity", "distinct_2"} <= \
+            set(summary["metrics"][name])
+    assert summary["metrics"]["sft"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert summary["sentiment_judge"]["fitted_on"] == 40
+    assert "## Samples" in (ev / "report.md").read_text()
+    assert (ev / "curves.png").stat().st_size > 1000
+    times = (ev / "times.txt").read_text().splitlines()
+    assert [t.split()[0] for t in times] == ["sft", "rm", "ppo", "evaluate", "total"]
+    assert (ev / "runs.txt").read_text().split() == ["sft", str(sft), "rm", str(rm), "ppo", str(ppo)]

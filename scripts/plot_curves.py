@@ -3,7 +3,7 @@
     python scripts/plot_curves.py runs/ppo_imdb_<time> --out curves.png
     python scripts/plot_curves.py runs/ppo_imdb_<time> --tags objective/raw_score objective/kl
 
-One panel per tag (default: PPO's reward-model score and KL to the reference), the
+One panel per tag (default: PPO's reward-model score, KL to the reference and beta), the
 per-step values and a moving average. An unknown tag is an error that lists the run's tags.
 """
 
@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_TAGS = ["objective/raw_score", "objective/kl"]
+DEFAULT_TAGS = ["objective/raw_score", "objective/kl", "objective/kl_coef"]
 LABELS = {"objective/raw_score": "reward-model score (raw)", "objective/kl": "KL to SFT (nats per response)",
-          "objective/kl_coef": "KL coefficient", "loss/train": "training loss", "loss/eval": "eval loss",
+          "objective/kl_coef": "KL coefficient beta", "loss/train": "training loss", "loss/eval": "eval loss",
           "val/accuracy": "held-out pairwise accuracy"}
 
 

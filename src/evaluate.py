@@ -226,10 +226,11 @@ def run(args) -> Path:
             comparisons[f"{first} vs {other}"] = {**win_rate(list(outcomes.values())), "failed": failed}
 
     # 5. report
-    samples = sample_table([enc.decode(p) for p in prompts], {n: [text_of(enc, r) for r in rs]
-                                                             for n, rs in responses.items()},
-                           {n: [f"{p:.2f}" for p in probs] for n, probs in sentiment["positive"].items()}
-                           if sentiment else None, args.samples)
+    samples = None
+    if args.samples > 0:
+        notes = {n: [f"{p:.2f}" for p in probs] for n, probs in sentiment["positive"].items()} if sentiment else None
+        samples = sample_table([enc.decode(p) for p in prompts],
+                               {n: [text_of(enc, r) for r in rs] for n, rs in responses.items()}, notes, args.samples)
     write_report(out, names, metrics, comparisons, args, samples, sentiment)
     print((out / "report.md").read_text())
     return out

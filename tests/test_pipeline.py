@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,8 @@ def test_pipeline_smoke(tmp_path):
     times = (ev / "times.txt").read_text().splitlines()
     assert [t.split()[0] for t in times] == ["sft", "rm", "ppo", "evaluate", "total"]
     assert (ev / "runs.txt").read_text().split() == ["sft", str(sft), "rm", str(rm), "ppo", str(ppo)]
+
+    # the curve script names a missing tag and lists what the run has
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_curves.py"), str(ppo), "--tags", "objective/nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no scalar objective/nope" in res.stderr and "objective/kl" in res.stderr

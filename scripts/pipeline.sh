@@ -15,7 +15,7 @@
 #   an LLM when $OPENAI_API_KEY is set (data and weights from the hub, or local copies through
 #   the per-stage options below).
 # Usage: bash scripts/pipeline.sh [run-name [options for every training stage...]]
-#   e.g. bash scripts/pipeline.sh imdb                       (about 45 minutes on 2 CPU cores)
+#   e.g. bash scripts/pipeline.sh imdb                       (about 50 minutes on 2 CPU cores)
 #        bash scripts/pipeline.sh quick --train.max_steps 5  (a smoke run)
 #        TASK=hh bash scripts/pipeline.sh hh                  (GPU)
 # Per-stage options: $SFT_ARGS, $RM_ARGS, $PPO_ARGS, $EVAL_ARGS (split on spaces). The LLM

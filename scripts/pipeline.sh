@@ -20,6 +20,9 @@
 #        TASK=hh bash scripts/pipeline.sh hh                  (GPU)
 # Per-stage options: $SFT_ARGS, $RM_ARGS, $PPO_ARGS, $EVAL_ARGS (split on spaces). The LLM
 # judge runs when $OPENAI_API_KEY is set (EVAL_ARGS="--judge-model ..." to choose it).
+# Interrupted? RESUME=1 bash scripts/pipeline.sh <same name>: each training stage continues
+# its latest run of that name from its last checkpoint (a finished one returns at once);
+# the evaluation is made again in a new folder.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT/src"
@@ -58,7 +61,15 @@ if [ -n "${OPENAI_API_KEY:-}" ]; then JUDGE=(); fi
 
 STAMP=$(date +%Y%m%d-%H%M%S)
 TIMES=()
-newest() { ls -d "$RUNS/$1_${NAME}_"* | tail -1; }
+newest() { ls -d "$RUNS/$1_${NAME}_"[0-9]* | tail -1; }
+resume_of() {  # RES=(--resume <the stage's latest run of this name>) when RESUME is set and one exists
+  RES=()
+  if [ -n "${RESUME:-}" ]; then
+    local prev
+    prev=$(ls -d "$RUNS/$1_${NAME}_"[0-9]* 2>/dev/null | tail -1 || true)
+    if [ -n "$prev" ]; then RES=(--resume "$prev"); fi
+  fi
+}
 stage() {  # stage <label> <command...>: run it, remember how long it took
   local label=$1 t0 secs
   shift
@@ -69,13 +80,16 @@ stage() {  # stage <label> <command...>: run it, remember how long it took
   TIMES+=("$label $secs s ($(awk "BEGIN{printf \"%.1f\", $secs/60}") min)")
 }
 start=$(date +%s)
-stage sft python training/train_sft.py --config "$CONF/sft.yaml" -n "$NAME" --run.out_dir "$RUNS" \
+resume_of sft
+stage sft python training/train_sft.py --config "$CONF/sft.yaml" -n "$NAME" --run.out_dir "$RUNS" "${RES[@]}" \
   "${TRAIN[@]}" "${TEST[@]}" "${EXTRA[@]}" "${SFT_X[@]}"
 SFT=$(newest sft)
-stage rm python training/train_rm.py --config "$CONF/rm.yaml" -n "$NAME" --run.out_dir "$RUNS" -p "$SFT" \
+resume_of rm
+stage rm python training/train_rm.py --config "$CONF/rm.yaml" -n "$NAME" --run.out_dir "$RUNS" -p "$SFT" "${RES[@]}" \
   "${TRAIN[@]}" "${TEST[@]}" "${EXTRA[@]}" "${RM_X[@]}"
 RM=$(newest rm)
-stage ppo python training/train_ppo.py --config "$CONF/ppo.yaml" -n "$NAME" --run.out_dir "$RUNS" \
+resume_of ppo
+stage ppo python training/train_ppo.py --config "$CONF/ppo.yaml" -n "$NAME" --run.out_dir "$RUNS" "${RES[@]}" \
   -a "$SFT" -c "$RM" "${TRAIN[@]}" "${EXTRA[@]}" "${PPO_X[@]}"
 PPO=$(newest ppo)
 EVAL="$RUNS/eval_${NAME}_$STAMP"

@@ -42,7 +42,7 @@ from gpt2rlhf.checkpoint import CheckpointError, load_pretrained  # noqa: E402
 from gpt2rlhf.config import ConfigError, DataArgs, load_yaml, resolve_input, resolve_output  # noqa: E402
 from gpt2rlhf.data import DataError, load_records, prompt_examples  # noqa: E402
 from gpt2rlhf.evaluation import (SamplingSettings, bar_chart, cached_responses, distinct_n,  # noqa: E402
-                                 response_logprobs, reward_scores, sample_table, text_of)
+                                 model_identity, response_logprobs, reward_scores, sample_table, text_of)
 from gpt2rlhf.judge import Judge, JudgeError, JudgeSettings, resolve_api_key, win_rate  # noqa: E402
 from gpt2rlhf.tokenizer import EOT_TOKEN, get_tokenizer  # noqa: E402
 
@@ -176,7 +176,8 @@ def run(args) -> Path:
         return load
 
     responses = {name: cached_responses(out / f"responses_{name}.json", name, loader(src, name), prompts, s,
-                                        args.device) for name, src in zip(names, args.model)}
+                                        args.device, model_identity(resolve_input(src)))
+                 for name, src in zip(names, args.model)}
 
     # 3. offline metrics
     metrics = {name: {"mean_length": sum(len([t for t in r if t != EOT_TOKEN]) for r in rs) / len(rs),

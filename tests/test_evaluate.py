@@ -135,3 +135,28 @@ def test_sentiment_judge_config_and_samples(setup, tmp_path):
     config.write_text("temperature: hot\n")
     res = evaluate("--config", str(config), "-m", m1, "-m", m2, "--no-judge", "--out", str(out))
     assert res.returncode == 2 and "'temperature' expects float" in res.stderr
+
+
+def test_response_cache_follows_the_model(tmp_path):
+    """Cached responses are reused for the same model, prompts and settings, and sampled
+    again when the run folder's latest checkpoint changes (a run that trained on)."""
+    from gpt2rlhf.evaluation import SamplingSettings, cached_responses, model_identity
+
+    config = GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    save_checkpoint(run / "checkpoints" / "step_00000001", {"model": GPT(config)})
+    loads = []
+
+    def load():
+        loads.append(1)
+        return GPT(config)
+
+    s = SamplingSettings(max_new_tokens=3)
+    prompts = [[1, 2], [3]]
+    first = cached_responses(tmp_path / "r.json", "m", load, prompts, s, "cpu", model_identity(str(run)))
+    again = cached_responses(tmp_path / "r.json", "m", load, prompts, s, "cpu", model_identity(str(run)))
+    assert first == again and len(loads) == 1
+    save_checkpoint(run / "checkpoints" / "step_00000002", {"model": GPT(config)})
+    cached_responses(tmp_path / "r.json", "m", load, prompts, s, "cpu", model_identity(str(run)))
+    assert len(loads) == 2

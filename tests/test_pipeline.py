@@ -18,25 +18,35 @@ from gpt2rlhf.model import GPT, GPTScalar
 ROOT = Path(__file__).resolve().parents[1]
 
 
+COMMAND = ["bash", str(ROOT / "scripts" / "pipeline.sh"), "smoke", "--train.max_steps", "2", "-b", "4",
+           "--train.device", "cpu"]
+STAGE_ARGS = {
+    "SFT_ARGS": "--model.n_layer 1 --model.n_head 2 --model.n_embd 32 --model.block_size 64 --data.max_length 48 "
+                "--data.max_eval_examples 8",
+    "RM_ARGS": "--data.max_eval_examples 8",
+    "PPO_ARGS": "--ppo.mini_batch_size 2 --ppo.normalization_samples 4 --ppo.max_new_tokens 6 --ppo.min_new_tokens 2 "
+                "--prompts.max_tokens 4 --data.eval_size 4 --train.save_every 1",
+    "EVAL_ARGS": "--num-prompts 6 --batch-size 6 --max-new-tokens 6 --min-new-tokens 2 --samples 2"}
+
+
+def run_pipeline(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    data = tmp_path / "imdb"
+    if not data.exists():
+        data.mkdir()
+        for split, seed in (("train", 0), ("test", 1)):
+            text = Path(write_reviews(tmp_path / f"{split}.jsonl", n=40, seed=seed)).read_bytes()
+            (data / f"imdb_{split}.jsonl.gz").write_bytes(gzip.compress(text))
+    env = {**os.environ, "IMDB_DIR": str(data), "OUT_DIR": str(tmp_path / "runs"), "OPENAI_API_KEY": "",
+           **STAGE_ARGS, **env}
+    res = subprocess.run(COMMAND, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_pipeline_smoke(tmp_path):
-    data = tmp_path / "imdb"
-    data.mkdir()
-    for split, seed in (("train", 0), ("test", 1)):
-        text = Path(write_reviews(tmp_path / f"{split}.jsonl", n=40, seed=seed)).read_bytes()
-        (data / f"imdb_{split}.jsonl.gz").write_bytes(gzip.compress(text))
+    run_pipeline(tmp_path)
     runs = tmp_path / "runs"
-    env = {**os.environ, "IMDB_DIR": str(data), "OUT_DIR": str(runs), "OPENAI_API_KEY": "",
-           "SFT_ARGS": "--model.n_layer 1 --model.n_head 2 --model.n_embd 32 --model.block_size 64 "
-                       "--data.max_length 48 --data.max_eval_examples 8",
-           "RM_ARGS": "--data.max_eval_examples 8",
-           "PPO_ARGS": "--ppo.mini_batch_size 2 --ppo.normalization_samples 4 --ppo.max_new_tokens 6 "
-                       "--ppo.min_new_tokens 2 --prompts.max_tokens 4 --data.eval_size 4",
-           "EVAL_ARGS": "--num-prompts 6 --batch-size 6 --max-new-tokens 6 --min-new-tokens 2 --samples 2"}
-    res = subprocess.run(["bash", str(ROOT / "scripts" / "pipeline.sh"), "smoke", "--train.max_steps", "2", "-b", "4",
-                          "--train.device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-
     folders = {stage: sorted(runs.glob(f"{stage}_smoke_*")) for stage in ("sft", "rm", "ppo", "eval")}
     assert all(len(f) == 1 for f in folders.values()), folders
     sft, rm, ppo, ev = (folders[s][0] for s in ("sft", "rm", "ppo", "eval"))
@@ -62,3 +72,22 @@ def test_pipeline_smoke(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_curves.py"), str(ppo), "--tags", "objective/nope"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no scalar objective/nope" in res.stderr and "objective/kl" in res.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_pipeline_resumes(tmp_path):
+    """RESUME=1 after a pipeline was killed during PPO: SFT and RM are not trained again,
+    PPO continues its run from the last checkpoint, a new evaluation is written."""
+    run_pipeline(tmp_path)
+    runs = tmp_path / "runs"
+    sft, rm, ppo = (next(runs.glob(f"{s}_smoke_*")) for s in ("sft", "rm", "ppo"))
+    weights = {run: (latest_checkpoint(run / "checkpoints") / "model.safetensors").stat().st_mtime_ns
+               for run in (sft, rm)}
+    shutil.rmtree(ppo / "checkpoints" / "step_00000002")  # killed after PPO's first iteration
+    run_pipeline(tmp_path, RESUME="1")
+    assert sorted(runs.glob("*_smoke_*")) == sorted([sft, rm, ppo, *runs.glob("eval_smoke_*")])
+    assert len(list(runs.glob("eval_smoke_*"))) == 2
+    for run, mtime in weights.items():  # untouched: those stages had finished
+        assert (latest_checkpoint(run / "checkpoints") / "model.safetensors").stat().st_mtime_ns == mtime
+    assert latest_checkpoint(ppo / "checkpoints").name == "step_00000002"
+    assert "iterations 1..2" in (ppo / "log.txt").read_text()

@@ -57,10 +57,23 @@ def sample_responses(model, prompts: list[list[int]], s: SamplingSettings, devic
     return out
 
 
-def cached_responses(path: Path, label: str, load_model, prompts, s: SamplingSettings, device) -> list[list[int]]:
-    """Responses from `path` if they were made with the same prompts and settings, else
-    sampled (loading the model only then) and written there."""
-    key = {"settings": asdict(s), "prompts": prompts}
+def model_identity(source: str) -> str:
+    """What a model source resolves to, for the response cache: the checkpoint folder a run
+    folder currently points at (it moves on while a run trains) and its weights' mtime."""
+    from .checkpoint import latest_checkpoint
+
+    p = Path(source)
+    if (p / "checkpoints").is_dir():
+        p = latest_checkpoint(p / "checkpoints") or p
+    weights = p / "model.safetensors"
+    return f"{p.resolve() if p.exists() else source}@{weights.stat().st_mtime_ns if weights.is_file() else ''}"
+
+
+def cached_responses(path: Path, label: str, load_model, prompts, s: SamplingSettings, device,
+                     model_id: str = "") -> list[list[int]]:
+    """Responses from `path` if the same model (model_id) made them with the same prompts and
+    settings, else sampled (loading the model only then) and written there."""
+    key = {"model": model_id, "settings": asdict(s), "prompts": prompts}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:

@@ -162,6 +162,9 @@ def run(args) -> Path:
               f"{len(names) - 1} comparisons x 2 orders), fewer if judgements.jsonl already holds some")
         return out
 
+    # the sentiment judge before any sampling, so that a bad file is found at once
+    sentiment_judge = fit_sentiment(args) if args.sentiment_train else None
+
     # 2. responses, one model in memory at a time
     s = SamplingSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -209,8 +212,8 @@ def run(args) -> Path:
         del model
     del reference
     sentiment = None
-    if args.sentiment_train:
-        sentiment = sentiment_scores(args, prompts, responses, enc, metrics)
+    if sentiment_judge is not None:
+        sentiment = sentiment_scores(*sentiment_judge, args, prompts, responses, enc, metrics)
 
     # 4. judge: the first model against each other one
     comparisons = {}
@@ -237,9 +240,9 @@ def run(args) -> Path:
     return out
 
 
-def sentiment_scores(args, prompts, responses, enc, metrics) -> dict:
-    """Fit the independent sentiment judge, measure it, and score every model's responses:
-    share judged positive (P > 0.5) and mean P(positive), into `metrics`."""
+def fit_sentiment(args):
+    """The independent sentiment judge fitted on --sentiment-train, with its accuracy on
+    --sentiment-test (whole reviews and 18-word snippets): (judge, info)."""
     from gpt2rlhf.sentiment import fit_sentiment_judge, labelled_texts, snippets
 
     t0 = time.perf_counter()
@@ -254,6 +257,12 @@ def sentiment_scores(args, prompts, responses, enc, metrics) -> dict:
                     snippet_accuracy=judge.accuracy(snippets(texts), labels))
     print("sentiment judge: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in info.items()))
+    return judge, info
+
+
+def sentiment_scores(judge, info, args, prompts, responses, enc, metrics) -> dict:
+    """Every model's responses scored by the sentiment judge: share judged positive
+    (P > 0.5) and mean P(positive), into `metrics`."""
     positive = {}
     for name, rs in responses.items():
         inputs = [(enc.decode(p) if args.sentiment_input == "prompt+response" else "") + text_of(enc, r)

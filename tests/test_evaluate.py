@@ -160,3 +160,14 @@ def test_response_cache_follows_the_model(tmp_path):
     save_checkpoint(run / "checkpoints" / "step_00000002", {"model": GPT(config)})
     cached_responses(tmp_path / "r.json", "m", load, prompts, s, "cpu", model_identity(str(run)))
     assert len(loads) == 2
+
+
+def test_bad_sentiment_file_fails_before_sampling(setup, tmp_path):
+    _, (m1, m2), _, prompts = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "good", "label": "positive"}) + "\n")
+    out = tmp_path / "eval"
+    res = evaluate("-m", m1, "-m", m2, "--prompts", prompts, "--no-judge", "--sentiment-train", str(bad),
+                   "--out", str(out))
+    assert res.returncode == 2 and "--sentiment-train record 0: field 'label' should be 0 or 1" in res.stderr
+    assert not list(out.glob("responses_*.json"))  # nothing sampled yet

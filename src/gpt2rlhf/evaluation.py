@@ -50,8 +50,8 @@ def sample_responses(model, prompts: list[list[int]], s: SamplingSettings, devic
     for i in range(0, len(prompts), s.batch_size):
         ids, mask = left_pad(prompts[i:i + s.batch_size])
         gen = generate(model, ids.to(device), mask.to(device), max_new_tokens=s.max_new_tokens,
-                       min_new_tokens=s.min_new_tokens,                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_token_id=EOT_TOKEN,
-                       generator=g)
+                       min_new_tokens=s.min_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       eos_token_id=EOT_TOKEN, generator=g)
         for row, m in zip(gen.tokens.tolist(), gen.mask.tolist()):
             out.append([t for t, k in zip(row, m) if k])
     return out

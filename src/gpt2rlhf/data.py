@@ -173,6 +173,14 @@ def _field(record: dict, name: str, where: str) -> str:
     return value
 
 
+def label_of(record: dict, name: str, where: str) -> int:
+    """A 0/1 label (1 = positive), or an error naming the record and field."""
+    label = record.get(name)
+    if label not in (0, 1, True, False):
+        raise DataError(f"{where}: field '{name}' should be 0 or 1, found {label!r}")
+    return int(label)
+
+
 def clean(text: str, args: DataArgs) -> str:
     return text.replace("<br />", "\n").replace("<br/>", "\n") if args.strip_html else text
 
@@ -316,10 +324,9 @@ def pair_examples(ds, args: DataArgs, enc, name: str, seed: int = 0) -> tuple[li
     elif fmt == "labelled":
         pos, neg = [], []
         for i, record in enumerate(ds):
-            label = record.get(args.label_field)
-            if label not in (0, 1, True, False):
-                raise DataError(f"{name} record {i}: field '{args.label_field}' should be 0 or 1, found {label!r}")
-            (pos if label else neg).append(clean(_field(record, args.text_field, f"{name} record {i}"), args))
+            where = f"{name} record {i}"
+            (pos if label_of(record, args.label_field, where) else neg).append(
+                clean(_field(record, args.text_field, where), args))
         rng = random.Random(seed)
         rng.shuffle(pos), rng.shuffle(neg)
         n = min(len(pos), len(neg))

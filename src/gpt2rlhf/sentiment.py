@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import DataArgs
-from .data import DataError, _field, clean
+from .data import DataError, _field, clean, label_of
 
 
 @dataclass
@@ -38,11 +38,8 @@ def labelled_texts(records, name: str, text_field: str = "text", label_field: st
     texts, labels = [], []
     for i, record in enumerate(records):
         where = f"{name} record {i}"
-        label = record.get(label_field)
-        if label not in (0, 1, True, False):
-            raise DataError(f"{where}: field '{label_field}' should be 0 or 1, found {label!r}")
+        labels.append(label_of(record, label_field, where))
         texts.append(clean(_field(record, text_field, where), args))
-        labels.append(int(label))
     if len(set(labels)) < 2:
         raise DataError(f"{name}: a sentiment judge needs both labels, found only {sorted(set(labels))}")
     return texts, labels

@@ -200,16 +200,19 @@ def run(args) -> Path:
         ref_lp[temp] = {name: response_logprobs(reference, prompts, rs, args.device, args.batch_size, temp)
                         for name, rs in responses.items()}
     for name, src in zip(names, args.model):
-        model = load_pretrained(resolve_input(src), kind="lm").to(args.device).eval()
-        if model.config.vocab_size != reference.config.vocab_size:
-            raise ValueError(f"{name} and the reference {ref_source} have different vocabularies "
-                             f"({model.config.vocab_size} vs {reference.config.vocab_size}): not the same tokenizer")
-        lp, _ = response_logprobs(model, prompts, responses[name], args.device, args.batch_size, s.temperature)
         ref_sum, _ = ref_lp[s.temperature][name]
+        if resolve_input(src) == resolve_input(ref_source):  # the reference itself: its log-probs are known
+            lp = ref_sum
+        else:
+            model = load_pretrained(resolve_input(src), kind="lm").to(args.device).eval()
+            if model.config.vocab_size != reference.config.vocab_size:
+                raise ValueError(f"{name} and the reference {ref_source} have different vocabularies "
+                                 f"({model.config.vocab_size} vs {reference.config.vocab_size}): not the same tokenizer")
+            lp, _ = response_logprobs(model, prompts, responses[name], args.device, args.batch_size, s.temperature)
+            del model
         metrics[name]["kl_to_reference"] = sum(a - b for a, b in zip(lp, ref_sum)) / len(lp)
         nll, count = ref_lp[1.0][name]
         metrics[name]["reference_perplexity"] = math.exp(-sum(nll) / max(1, sum(count)))
-        del model
     del reference
     sentiment = None
     if sentiment_judge is not None:

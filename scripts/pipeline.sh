@@ -61,12 +61,12 @@ if [ -n "${OPENAI_API_KEY:-}" ]; then JUDGE=(); fi
 
 STAMP=$(date +%Y%m%d-%H%M%S)
 TIMES=()
-newest() { ls -d "$RUNS/$1_${NAME}_"[0-9]* | tail -1; }
-resume_of() {  # RES=(--resume <the stage's latest run of this name>) when RESUME is set and one exists
+newest() { ls -d "$RUNS/$1_${NAME}_"[0-9]* 2>/dev/null | tail -1; }  # the stage's latest run of this name
+resume_of() {  # RES=(--resume <that run>) when RESUME is set and one exists
   RES=()
   if [ -n "${RESUME:-}" ]; then
     local prev
-    prev=$(ls -d "$RUNS/$1_${NAME}_"[0-9]* 2>/dev/null | tail -1 || true)
+    prev=$(newest "$1" || true)
     if [ -n "$prev" ]; then RES=(--resume "$prev"); fi
   fi
 }

@@ -95,6 +95,24 @@ def test_pairs_from_hh_and_from_labels(tmp_path):
     assert all(ENC.decode(p["chosen"]).startswith("good") and ENC.decode(p["rejected"]).startswith("bad") for p in pairs)
 
 
+def test_a_pair_shares_one_prompt_cut_for_its_longer_response(tmp_path):
+    prompt = "\n\nHuman: " + "Tell me everything about the history of the old town. " * 6 + "\n\nAssistant:"
+    short, long = " Sure.", " " + "No, I will not, and here is a very long reason why not. " * 5
+    twin = " " + "The same long opening for both of these responses, " * 6  # differs after the cut
+    records = [{"chosen": prompt + short, "rejected": prompt + long},
+               {"chosen": prompt + twin + "one", "rejected": prompt + twin + "two"}]
+    ds = load_records(jsonl(tmp_path / "hh.jsonl", records), "data.train")
+    args = DataArgs(max_length=48, max_prompt_length=8)
+    pairs, stats = pair_examples(ds, args, ENC, "data.train")
+    P, C, R = ENC.encode(prompt), ENC.encode(short) + [EOT_TOKEN], ENC.encode(long) + [EOT_TOKEN]
+    assert len(P) + len(C) > 48 and len(R) > 48 - 8  # each side alone would keep a different prompt
+    (e,) = pairs
+    assert e["chosen"] == P[-8:] + C  # the prompt the longer (rejected) response leaves room for
+    assert e["rejected"] == P[-8:] + R[:40] and e["rejected"][-1] != EOT_TOKEN  # cut: no EOS
+    assert (stats.examples, stats.truncated, stats.overlong) == (1, 2, 2)  # counted per pair, as before
+    assert stats.unusable == {"pairs identical after truncation": 1}
+
+
 def test_pair_collation_puts_chosen_then_rejected_right_padded():
     batch = [{"chosen": [1, 2, 3], "rejected": [1, 4]}, {"chosen": [5], "rejected": [6, 7, 8, 9]}]
     b = collate_pairs(batch)

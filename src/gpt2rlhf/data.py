@@ -12,8 +12,10 @@ Formats (data.format, or guessed from the first record's fields):
 Truncation keeps the end of a prompt (the question nearest the answer) and the start of a
 response: the prompt keeps what the response leaves of max_length, and at least
 max_prompt_length tokens; the response keeps its first tokens. A response that had to be
-cut loses its EOS. Every truncated, empty or unusable record is counted and reported;
-nothing is dropped silently, and a dataset left with no example is an error.
+cut loses its EOS. A reward pair's two sides share one prompt, cut once, to what the longer
+response leaves, so they differ only in their responses. Every truncated, empty or unusable
+record is counted and reported; nothing is dropped silently, and a dataset left with no
+example is an error.
 """
 
 from __future__ import annotations
@@ -232,6 +234,28 @@ def encode_pairs(enc, items: list[tuple[str, str]], args: DataArgs, stats: Stats
     return out
 
 
+def encode_reward_pairs(enc, pairs: list[tuple[str, str, str]], args: DataArgs, stats: Stats):
+    """[(prompt ids, chosen ids + EOS, rejected ids + EOS, truncated?, over twice max_length?)]
+    cut to max_length, or None where a response is empty (each empty side counted). The
+    prompt is tokenised and cut once, to what the longer response leaves (truncate's
+    policy), so the reward model compares two responses to the same prompt tokens; each
+    response then keeps its start up to what remains."""
+    keep = [i for i, (_, c, r) in enumerate(pairs) if c.strip() and r.strip()]
+    stats.empty += sum(not c.strip() for _, c, _ in pairs) + sum(not r.strip() for _, _, r in pairs)
+    prompts = enc.encode_ordinary_batch([pairs[i][0] for i in keep])
+    chosen = enc.encode_ordinary_batch([pairs[i][1] for i in keep])
+    rejected = enc.encode_ordinary_batch([pairs[i][2] for i in keep])
+    out: list = [None] * len(pairs)
+    for i, p, c, r in zip(keep, prompts, chosen, rejected):
+        c, r = c + [EOT_TOKEN], r + [EOT_TOKEN]
+        longer = c if len(c) >= len(r) else r
+        overlong = len(p) + len(longer) > 2 * args.max_length
+        p, _, cut = truncate(p, longer, args.max_length, args.max_prompt_length)
+        room = args.max_length - len(p)
+        out[i] = (p, c[:room], r[:room], cut, overlong)
+    return out
+
+
 def _records(ds, limit, seed):
     """All records, or `limit` of them, a seeded random subset (files are often sorted by label)."""
     if limit is None or limit >= len(ds):
@@ -336,18 +360,17 @@ def pair_examples(ds, args: DataArgs, enc, name: str, seed: int = 0) -> tuple[li
         pairs = [("", pos[i], neg[i]) for i in range(n)]
     else:
         raise DataError(f"{name}: reward pairs need the hh (chosen/rejected) or labelled (text/label) format, not {fmt}")
-    chosen = encode_pairs(enc, [(p, c) for p, c, _ in pairs], args, stats)
-    rejected = encode_pairs(enc, [(p, r) for p, _, r in pairs], args, stats)
     examples = []
-    for c, r in zip(chosen, rejected):
-        if c is None or r is None:
+    for ids in encode_reward_pairs(enc, pairs, args, stats):
+        if ids is None:
             continue
-        stats.truncated += c[2] or r[2]
-        stats.overlong += c[3] or r[3]
-        if c[:2] == r[:2]:  # truncation cut away all that told them apart
+        p, c, r, cut, overlong = ids
+        stats.truncated += cut
+        stats.overlong += overlong
+        if c == r:  # truncation cut away all that told them apart
             stats.skip("pairs identical after truncation")
             continue
-        examples.append({"chosen": c[0] + c[1], "rejected": r[0] + r[1]})
+        examples.append({"chosen": p + c, "rejected": p + r})
     stats.examples = len(examples)
     _require(examples, stats, args)
     return examples, stats

@@ -13,9 +13,9 @@ from gpt2rlhf.trainers import rm, sft
 from gpt2rlhf.trainers.common import Run, Stepper, TrainingError, lr_factor
 
 
-def make_run(tmp_path, **train):
+def make_run(tmp_path, dtype=torch.float32, **train):
     cfg = load_config(SFTConfig, overrides={"model": {"n_layer": 1}, "train": train})
-    return Run(tmp_path, "test", cfg, torch.device("cpu"), torch.float32)
+    return Run(tmp_path, "test", cfg, torch.device("cpu"), dtype)
 
 
 def test_lr_warms_up_then_follows_the_cosine():
@@ -58,10 +58,12 @@ def test_gradients_are_clipped_to_the_configured_norm(tiny_config, tmp_path):
     assert out["grad_norm"] > 0.01 and math.isclose(seen["norm"], 0.01, rel_tol=1e-4)
 
 
-def test_nan_guard_skips_counts_and_stops(tiny_config, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_nan_guard_skips_counts_and_stops(tiny_config, tmp_path, dtype):
     torch.manual_seed(0)
     model = GPT(tiny_config)
-    stepper = Stepper(model, make_run(tmp_path), OptimArgs(), TrainArgs(max_bad_steps=3), 10)
+    stepper = Stepper(model, make_run(tmp_path, dtype), OptimArgs(), TrainArgs(max_bad_steps=3), 10)
+    assert stepper.scaler.is_enabled() == (dtype == torch.float16)  # fp16: loss scaling (GradScaler on CPU too)
     ids = torch.randint(0, 97, (2, 8))
     good = lambda b: (model(b).float().mean(), {})  # noqa: E731
     bad = lambda b: (model(b).float().mean() * float("nan"), {})  # noqa: E731
@@ -75,6 +77,22 @@ def test_nan_guard_skips_counts_and_stops(tiny_config, tmp_path):
     stepper.step([ids], bad)
     with pytest.raises(TrainingError, match=r"3 steps in a row had a non-finite loss"):
         stepper.step([ids], bad)
+
+
+def test_fp16_inf_gradients_are_skipped_and_lower_the_loss_scale(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    stepper = Stepper(model, make_run(tmp_path, torch.float16), OptimArgs(), TrainArgs(max_bad_steps=3), 10)
+    ids = torch.randint(0, 97, (2, 8))
+    scale = stepper.scaler.get_scale()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = stepper.step([ids], lambda b: (model(b).float().mean() * 1e30, {}))  # finite loss, gradients overflow
+    assert out["skipped"] and stepper.skipped == 1 and math.isfinite(out["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert stepper.scaler.get_scale() == scale / 2
+    out = stepper.step([ids], lambda b: (model(b).float().mean(), {}))
+    assert not out["skipped"] and stepper.bad_in_row == 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def tiny_cfg(cls, tmp_path, data, extra=()):

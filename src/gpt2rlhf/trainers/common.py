@@ -169,7 +169,8 @@ def lr_factor(step: int, o: OptimArgs, max_steps: int) -> float:
 class Stepper:
     """One optimizer step from micro-batches: autocast forward, gradient accumulation,
     unscale then clip, step, schedule; a step with a non-finite loss or gradient is
-    skipped and counted, and `max_bad_steps` of them in a row stop the run."""
+    skipped and counted, and `max_bad_steps` of them in a row stop the run. In every dtype:
+    with fp16 an overflow is such a step too, and GradScaler lowers its scale after it."""
 
     def __init__(self, model: nn.Module, run: Run, optim: OptimArgs, train: TrainArgs, max_steps: int):
         self.model, self.run, self.train_args = model, run, train
@@ -196,18 +197,17 @@ class Stepper:
                 metrics[k] = metrics.get(k, 0.0) + v.detach() / n
         loss_value = float(total) / n
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = float("nan")
-        if math.isfinite(loss_value):
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
-        finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled())
+        # always unscale: with fp16 it records the inf check that scaler.update() needs
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            self.scaler.step(self.optimizer)  # (fp16: skips by itself on inf gradients, lowers the scale)
+            self.scaler.step(self.optimizer)
             self.bad_in_row = 0
         else:
             self.skipped += 1
             self.bad_in_row += 1
-        self.scaler.update()
+        self.scaler.update()  # fp16: lowers the scale after inf gradients, raises it after a run of good steps
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped step: the schedule still moves with the step count
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))

@@ -195,9 +195,10 @@ def run(args) -> Path:
         del rm
     ref_source = args.reference or args.model[-1]
     reference = load_pretrained(resolve_input(ref_source), kind="lm").to(args.device).eval()
-    ref_lp = {}  # at the sampling temperature (for KL) and at 1 (for perplexity)
+    ref_lp = {}  # at the sampling temperature (for KL) and at 1 (for perplexity); EOS masked as in sampling
     for temp in {s.temperature, 1.0}:
-        ref_lp[temp] = {name: response_logprobs(reference, prompts, rs, args.device, args.batch_size, temp)
+        ref_lp[temp] = {name: response_logprobs(reference, prompts, rs, args.device, args.batch_size, temp,
+                                                s.min_new_tokens)
                         for name, rs in responses.items()}
     for name, src in zip(names, args.model):
         ref_sum, _ = ref_lp[s.temperature][name]
@@ -208,7 +209,8 @@ def run(args) -> Path:
             if model.config.vocab_size != reference.config.vocab_size:
                 raise ValueError(f"{name} and the reference {ref_source} have different vocabularies "
                                  f"({model.config.vocab_size} vs {reference.config.vocab_size}): not the same tokenizer")
-            lp, _ = response_logprobs(model, prompts, responses[name], args.device, args.batch_size, s.temperature)
+            lp, _ = response_logprobs(model, prompts, responses[name], args.device, args.batch_size, s.temperature,
+                                      s.min_new_tokens)
             del model
         metrics[name]["kl_to_reference"] = sum(a - b for a, b in zip(lp, ref_sum)) / len(lp)
         nll, count = ref_lp[1.0][name]

@@ -107,14 +107,18 @@ def reward_scores(rm, prompts, responses, device, batch_size: int = 16) -> list[
 
 
 @torch.no_grad()
-def response_logprobs(model, prompts, responses, device, batch_size: int = 16, temperature: float = 1.0):
+def response_logprobs(model, prompts, responses, device, batch_size: int = 16, temperature: float = 1.0,
+                      min_new_tokens: int = 0):
     """(summed log pi(y|x) per response, token count per response) under `model` sampling at
-    `temperature`: the KL estimate is the difference of two models' sums (k1), the perplexity
-    exp(-sum / count) over all responses."""
+    `temperature` with EOS forbidden before `min_new_tokens`, the distribution the responses
+    were sampled from (scoring the unmasked logits biases the KL between models whose EOS
+    logits differ): the KL estimate is the difference of two models' sums (k1), the
+    perplexity exp(-sum / count) over all responses."""
+    eos = EOT_TOKEN if model.config.vocab_size > EOT_TOKEN else None
     sums, counts = [], []
     for width, resp, rm, ids, mask in _batches(prompts, responses, batch_size):
-        logits = model(ids.to(device), attention_mask=mask.to(device))[:, width - 1:-1]
-        lp = logprobs_from_logits(logits, resp.to(device), temperature).float()
+        hidden = model.transformer(ids.to(device), attention_mask=mask.to(device))[:, width - 1:-1]
+        lp = logprobs_from_logits(model.fp32_logits(hidden), resp.to(device), temperature, eos, min_new_tokens)
         sums += (lp * rm.to(device)).sum(1).tolist()
         counts += rm.sum(1).tolist()
     return sums, counts

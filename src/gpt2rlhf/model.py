@@ -286,6 +286,13 @@ class GPT(nn.Module):
             x = x[:, -1:]  # left padding puts every row's last real token here
         return self.lm_head(x)
 
+    def fp32_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states x (B, T, C) in full precision, outside autocast. PPO
+        scores log-probs this way: under bf16 autocast the head's logits would be rounded
+        to bf16 (8 bits of mantissa) before the softmax, adding noise to the ratio and KL."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.lm_head(x.float())
+
     def untie_lm_head(self):
         """Give the LM head its own copy of the embedding matrix (needed to merge LoRA into it)."""
         if self.config.tie_word_embeddings:

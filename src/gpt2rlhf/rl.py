@@ -9,15 +9,42 @@ details of RLHF with PPO" (whitening over valid tokens, score at the last token)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) under logits / temperature, the distribution the tokens were sampled
-    from (DESIGN.md detail 9). logits (B, T, V), tokens (B, T) -> (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, eos_token_id: int | None = None,
+                      min_new_tokens: int = 0) -> torch.Tensor:
+    """log-probabilities of the distribution each response token was sampled from
+    (DESIGN.md details 9 and 13): logits / temperature, and EOS impossible at the response
+    positions t < min_new_tokens, where generation forbade it. Scoring the unmasked
+    logits instead biases every log-prob and the KL between two models whose EOS logits
+    differ (issue 11). logits (B, T, V) over the response positions, column t predicting
+    response token t -> (B, T, V) in fp32.
+
+    The forbidden logit is set to the lowest finite float, not -inf: the distribution is
+    the same (its probability is exactly 0), and entropy and gradients stay finite."""
+    z = logits.float() / temperature
+    if eos_token_id is not None and min_new_tokens > 0:
+        forbid = torch.zeros(z.shape[-2:], dtype=torch.bool, device=z.device)  # (T, V)
+        forbid[:min_new_tokens, eos_token_id] = True
+        z = z.masked_fill(forbid, torch.finfo(z.dtype).min)
+    return F.log_softmax(z, dim=-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                         eos_token_id: int | None = None, min_new_tokens: int = 0) -> torch.Tensor:
+    """log pi(token) under the sampling distribution (see sampling_logprobs).
+    logits (B, T, V), tokens (B, T) -> (B, T)."""
+    logp = sampling_logprobs(logits, temperature, eos_token_id, min_new_tokens)
     return logp.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the vocabulary. (B, T, V) -> (B, T)"""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -50,6 +77,31 @@ def kl_estimators(logp: torch.Tensor, ref_logp: torch.Tensor) -> tuple[torch.Ten
     k3 = (r - 1) - log r with r = pi_ref / pi (unbiased, always >= 0)."""
     log_ratio = logp - ref_logp
     return log_ratio, torch.expm1(-log_ratio) + log_ratio
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over valid tokens: 1 for a perfect critic,
+    0 for one that predicts the mean, negative for a worse one (cleanrl's diagnostic)."""
+    var = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var) if var > 0 else float("nan")
+
+
+def reward_normalisation(raw: torch.Tensor) -> tuple[float, float, str | None]:
+    """(gain, bias, warning) so that raw * gain + bias has mean 0 and std 1 over the
+    starting policy's scores (lm-human-preferences). With fewer than two scores, or scores
+    that are (nearly) constant, the std says nothing about the scale (a gain of 1e8 would
+    blow up the first different score): the scores are then only centred (gain 1), and
+    the warning says so."""
+    raw = raw.double().flatten()
+    mean = float(raw.mean())
+    std = float(raw.std(correction=0)) if raw.numel() > 1 else float("nan")  # as lm-human-preferences
+    if not math.isfinite(mean):
+        raise ValueError(f"reward normalisation: the starting scores are not finite (mean {mean})")
+    if not math.isfinite(std) or std <= 1e-6 * max(1.0, abs(mean)):
+        return 1.0, -mean, (f"reward normalisation: {raw.numel()} starting score(s) with mean {mean:.6g} and std "
+                            f"{std:.3g} say nothing about the scale; the scores are only centred (gain 1). "
+                            f"Raise ppo.normalization_samples, or check the reward.")
+    return 1.0 / std, -mean / std, None
 
 
 def per_token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,

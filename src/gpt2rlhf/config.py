@@ -257,7 +257,13 @@ class RMConfig:
 
 @dataclass
 class PPOArgs:
-    """One PPO iteration: rollout, score, KL, GAE, then epochs of minibatch updates."""
+    """One PPO iteration: rollout, score, KL, GAE, then epochs of minibatch updates.
+
+    There is no vf_coef: actor and critic are separate networks with separate Adam
+    optimizers, and Adam is invariant to a constant scale of the loss, so a value-loss
+    weight would only have moved the critic's gradient-clipping threshold. The critic's
+    step size is critic_optim.lr, and its clipping critic_optim.grad_clip (the old default
+    vf_coef 0.1 with grad_clip 1 clipped the critic like critic_optim.grad_clip 10 does now)."""
 
     max_new_tokens: int = 24
     """Longest response, in tokens."""
@@ -266,9 +272,9 @@ class PPOArgs:
     temperature: float = 1.0
     """Sampling temperature; logprobs are computed from logits / temperature too."""
     top_k: int = 0
-    """Top-k sampling during rollouts (0: off, the PPO default)."""
+    """Top-k sampling during rollouts: must stay 0 (off), since PPO scores the unfiltered distribution."""
     top_p: float = 1.0
-    """Nucleus sampling during rollouts (1: off, the PPO default)."""
+    """Nucleus sampling during rollouts: must stay 1 (off), since PPO scores the unfiltered distribution."""
     mini_batch_size: int = 16
     """Rollouts per optimizer step in the update phase."""
     ppo_epochs: int = 4
@@ -281,8 +287,6 @@ class PPOArgs:
     """Policy ratio clipping epsilon."""
     clip_range_value: float = 0.2
     """Value clipping around the rollout's values."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (the critic has its own optimizer; this scales its loss)."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (0: off)."""
     kl_coef: float = 0.05
@@ -305,6 +309,13 @@ class PPOArgs:
     """Subtracted from the score of a response that has no EOS (None: no penalty)."""
     sample_every: int = 10
     """Print a few prompt/response pairs every N iterations."""
+    forward_batch_size: int = 16
+    """Rows per forward pass when scoring a rollout batch (reward, log-probs of actor and
+    reference, values): the batch is never held as B x T x vocabulary logits at once."""
+    target_approxkl: float | None = None
+    """Early stop: start no further update epoch of an iteration once an epoch's mean approxkl
+    (each minibatch's, measured before its step) exceeds this (cleanrl's target_kl; None:
+    always run every epoch)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -315,6 +326,16 @@ class PPOArgs:
             raise ConfigError("ppo.ppo_epochs and ppo.mini_batch_size must be >= 1")
         if self.adaptive_kl and (self.target_kl <= 0 or self.kl_horizon <= 0):
             raise ConfigError("ppo: adaptive KL needs target_kl > 0 and kl_horizon > 0")
+        if self.top_k or self.top_p < 1.0:
+            # the ratio and the KL are scored on the unfiltered distribution: sampling from a
+            # filtered one would make PPO off-policy and its KL estimate biased
+            raise ConfigError(f"ppo.top_k ({self.top_k}) and ppo.top_p ({self.top_p}) must stay off (0 and 1): PPO "
+                              f"scores log-probs of the distribution it samples from, and top-k/top-p would "
+                              f"change that distribution")
+        if self.forward_batch_size < 1:
+            raise ConfigError(f"ppo.forward_batch_size must be >= 1, got {self.forward_batch_size}")
+        if self.target_approxkl is not None and self.target_approxkl <= 0:
+            raise ConfigError(f"ppo.target_approxkl must be > 0 (or none), got {self.target_approxkl}")
 
 
 @dataclass
@@ -383,7 +404,16 @@ def valid_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
+REMOVED_KEYS = {
+    "ppo.vf_coef": "the critic has its own Adam optimizer, which ignores a constant loss scale; "
+                   "set critic_optim.lr (and critic_optim.grad_clip) instead (vf_coef c with grad_clip g "
+                   "clipped like critic_optim.grad_clip g / c does now)",
+}
+
+
 def _unknown(key: str, cls, where: str) -> ConfigError:
+    if key in REMOVED_KEYS:
+        return ConfigError(f"{where}'{key}' was removed: {REMOVED_KEYS[key]}")
     keys = valid_keys(cls)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close:  # a leaf name given without its section, e.g. "lr" for "optim.lr"

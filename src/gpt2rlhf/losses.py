@@ -41,6 +41,9 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         stats = {"clipfrac": ((pg_losses2 > pg_losses).float() * m).sum() / n,
                  "approxkl": 0.5 * (log_ratio ** 2).sum() / n,  # lm-human-preferences' estimator
                  "ratio_mean": (ratio * m).sum() / n,
+                 # the share of tokens whose ratio left [1 - eps, 1 + eps], whatever the
+                 # advantage's sign (clipfrac counts only those where the clip is active)
+                 "ratio_outside_clip": (((ratio - 1).abs() > clip).float() * m).sum() / n,
                  "ratio_max": torch.where(m.bool(), ratio, torch.zeros_like(ratio)).max()}
     return pg_loss, stats
 

@@ -3,20 +3,28 @@
     1. rollout      sample responses to a batch of left-padded prompts (KV cache), cut at EOS
     2. score        the reward model's score at the EOS / last real token (or a Python
                     callable on the texts); optional missing-EOS penalty, normalisation, clip
-    3. logprobs     of the sampled tokens under actor and reference (logits / temperature)
+    3. logprobs     of the sampled tokens under actor and reference, from the distribution
+                    they were sampled from (logits / temperature, EOS masked before
+                    min_new_tokens), in fp32, forward_batch_size rows at a time
     4. advantages   per-token KL penalty + score on the last token, critic values, GAE,
                     advantages whitened over valid tokens
     5. update       ppo_epochs passes over shuffled minibatches: clipped policy loss for the
                     actor, clipped value loss for the critic, each through the shared Stepper
-    6. log          scores, KL (k1 and k3), beta, losses, clipfrac, approxkl, ratios,
-                    entropy, advantage/return statistics, lengths, time per phase
+                    (micro-batches weighted by their tokens); optional early stop on approxkl
+    6. log          scores, total reward, KL (k1 and k3), beta, losses, clipfrac, approxkl,
+                    ratios, entropy, explained variance, advantage/return statistics,
+                    lengths, time per phase
 
 The reference policy is the actor with its LoRA adapters switched off (no second copy),
 or a frozen copy of the SFT model for full fine-tuning. Dropout is off in all four models.
+The critic starts as the reward model with the reward normalisation (gain, bias) folded
+into its head, so its first values are on the scale of the returns. The checkpoints a run
+starts from are resolved once and pinned in its state: a resumed run uses exactly those.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -26,15 +34,16 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import latest_checkpoint, load_pretrained
 from ..config import ConfigError, PPOArgs, PPOConfig, resolve_input
 from ..data import BatchStream, left_pad, prompt_examples, train_eval_records
 from ..generation import generate
 from ..lora import adapters_disabled
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..model import set_dropout
-from ..rl import (AdaptiveKLController, FixedKLController, gae, kl_estimators, logprobs_from_logits, masked_mean,
-                  masked_whiten, per_token_rewards)
+from ..rl import (AdaptiveKLController, FixedKLController, entropy_from_logprobs, explained_variance, gae,
+                  kl_estimators, masked_mean, masked_whiten, per_token_rewards, reward_normalisation,
+                  sampling_logprobs)
 from ..tokenizer import EOT_TOKEN, get_tokenizer
 from ..tracking import Tracker
 from .common import RewardError, Run, Stepper, build_model, cli, open_run, restore_models, resume_step, save
@@ -57,8 +66,15 @@ class Rollouts:
         """Prompt + response ids and mask: [pad.. prompt | response ..pad]."""
         return torch.cat([self.query, self.response], 1), torch.cat([self.query_mask, self.response_mask], 1)
 
-    def select(self, idx: torch.Tensor) -> "Rollouts":
+    def select(self, idx: torch.Tensor | slice) -> "Rollouts":
         return Rollouts(*(None if v is None else v[idx] for v in vars(self).values()))
+
+
+def in_chunks(fn: Callable[["Rollouts"], torch.Tensor], r: Rollouts, size: int) -> torch.Tensor:
+    """fn over the rollouts `size` rows at a time, concatenated: a large batch never holds
+    its B x T x vocabulary logits at once (ppo.forward_batch_size)."""
+    B = r.query.size(0)
+    return torch.cat([fn(r.select(slice(i, i + size))) for i in range(0, B, size)])
 
 
 # ------------------------------------------------------------------ 1. rollout
@@ -79,13 +95,12 @@ def rollout(actor, query, query_mask, p: PPOArgs) -> Rollouts:
 
 # ------------------------------------------------------------------ 2. score
 
-def model_reward(reward_model) -> Callable[[Rollouts], torch.Tensor]:
+def model_reward(reward_model, forward_batch_size: int = 16) -> Callable[[Rollouts], torch.Tensor]:
     """Scores from a reward model, read at each sequence's last real token (its EOS, or
     the last token of a response cut at the length limit), never on padding."""
     @torch.no_grad()
     def score(r: Rollouts) -> torch.Tensor:
-        ids, mask = r.sequences()
-        return reward_model.score_last(ids, mask).float()
+        return in_chunks(lambda c: reward_model.score_last(*c.sequences()).float(), r, forward_batch_size)
     return score
 
 
@@ -122,11 +137,22 @@ def has_eos(r: Rollouts) -> torch.Tensor:
 
 # ------------------------------------------------------------------ 3. logprobs, values
 
-def response_logprobs(model, r: Rollouts, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs, logits) of the response tokens: position Tq-1+t predicts response token t."""
+def response_logprobs(model, r: Rollouts, p: PPOArgs, with_entropy: bool = False):
+    """(logprobs (B, Tr), entropy (B, Tr) or None) of the response tokens under `model`.
+
+    Position Tq-1+t predicts response token t, so only those hidden states go through the
+    LM head, which runs in fp32 (model.fp32_logits). The distribution is the one the
+    tokens were sampled from: logits / temperature, EOS impossible before min_new_tokens
+    (DESIGN.md details 9 and 13). The entropy builds an autograd graph only when it is in
+    the loss (ppo.entropy_coef > 0): otherwise it is a statistic, computed without one."""
     ids, mask = r.sequences()
-    logits = model(ids, attention_mask=mask)[:, r.query.size(1) - 1: -1]  # (B, Tr, V)
-    return logprobs_from_logits(logits, r.response, temperature), logits
+    hidden = model.transformer(ids, attention_mask=mask)[:, r.query.size(1) - 1: -1]  # (B, Tr, C)
+    logp = sampling_logprobs(model.fp32_logits(hidden), p.temperature, eos_id(model), p.min_new_tokens)  # (B, Tr, V)
+    logprobs = logp.gather(-1, r.response[..., None]).squeeze(-1)
+    if not with_entropy:
+        return logprobs, None
+    with torch.set_grad_enabled(torch.is_grad_enabled() and p.entropy_coef > 0):
+        return logprobs, entropy_from_logprobs(logp)
 
 
 def response_values(critic, r: Rollouts) -> torch.Tensor:
@@ -135,82 +161,151 @@ def response_values(critic, r: Rollouts) -> torch.Tensor:
     return critic(ids, attention_mask=mask)[:, r.query.size(1) - 1: -1].float()
 
 
+def fold_normalisation(critic, gain: float, bias: float):
+    """Put the reward normalisation into the critic's head, so that a critic that starts as
+    the reward model predicts normalised scores (lm-human-preferences keeps gain and bias in
+    the reward model's head; OpenRLHF normalises its critic like its RM). Without it the
+    first values sit on the raw RM scale while the returns are normalised, and value
+    clipping keeps the baseline biased for many iterations. In place."""
+    with torch.no_grad():
+        critic.score.weight.mul_(gain)
+        critic.score.bias.mul_(gain).add_(bias)
+
+
 # ------------------------------------------------------------------ 4. advantages
 
 def advantages(r: Rollouts, score, ref_logprobs, beta: float, p: PPOArgs) -> dict:
     """Per-token rewards (KL penalty, score at the end), GAE, whitened advantages."""
     mask = r.response_mask.float()
     rewards, kl = per_token_rewards(score, r.logprobs, ref_logprobs, mask, beta)
+    total = rewards.sum(1)  # score - beta * KL per response, before any whitening
     if p.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     adv, returns = gae(rewards, r.values, mask, p.gamma, p.lam)
     r.advantages, r.returns = masked_whiten(adv, mask), returns
-    k1, k3 = kl_estimators(r.logprobs, ref_logprobs)
+    k1, k3 = kl_estimators(r.logprobs * mask, ref_logprobs * mask)  # padding out before expm1 (k3 overflows)
     return {"objective/kl": float((k1 * mask).sum(1).mean()), "objective/kl_k3": float((k3 * mask).sum(1).mean()),
-            "objective/reward": float(rewards.sum(1).mean()), "val/advantage_mean": float(masked_mean(adv, mask)),
+            "objective/reward": float(total.mean()), "val/advantage_mean": float(masked_mean(adv, mask)),
             "val/advantage_std": float(masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt()),
-            "val/return_mean": float(masked_mean(returns, mask)), "val/value_mean": float(masked_mean(r.values, mask))}
+            "val/return_mean": float(masked_mean(returns, mask)), "val/value_mean": float(masked_mean(r.values, mask)),
+            "val/explained_variance": explained_variance(r.values, returns, mask)}
 
 
 # ------------------------------------------------------------------ 5. update
 
+def policy_loss(actor, mb: Rollouts, p: PPOArgs):
+    """The actor's loss on one micro-batch: clipped surrogate, minus the entropy bonus."""
+    logprobs, entropy = response_logprobs(actor, mb, p, with_entropy=True)
+    pg_loss, s = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, p.clip_range)
+    entropy = masked_mean(entropy, mb.response_mask)
+    loss = pg_loss - p.entropy_coef * entropy if p.entropy_coef else pg_loss
+    return loss, {**s, "entropy": entropy.detach()}
+
+
+def value_loss(critic, mb: Rollouts, p: PPOArgs):
+    """The critic's loss on one micro-batch: clipped value loss."""
+    vf_loss, s = ppo_value_loss(response_values(critic, mb), mb.values, mb.returns, mb.response_mask,
+                                p.clip_range_value)
+    return vf_loss, {**s, "vf_loss": vf_loss.detach()}
+
+
+UPDATE_TAGS = {"loss/policy": ("a", "loss"), "loss/value": ("c", "vf_loss"), "policy/clipfrac": ("a", "clipfrac"),
+               "policy/approxkl": ("a", "approxkl"), "policy/entropy": ("a", "entropy"),
+               "policy/ratio_mean": ("a", "ratio_mean"), "policy/ratio_max": ("a", "ratio_max"),
+               "policy/ratio_outside_clip": ("a", "ratio_outside_clip"), "val/vf_clipfrac": ("c", "vf_clipfrac"),
+               "optim/actor_grad_norm": ("a", "grad_norm"), "optim/critic_grad_norm": ("c", "grad_norm")}
+
+
 def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, critic_stepper: Stepper,
                micro_batch_size: int) -> dict:
     """ppo_epochs passes over the rollouts in shuffled minibatches; in each, one actor and
-    one critic optimizer step (with gradient accumulation over micro-batches)."""
+    one critic optimizer step (gradient accumulation over micro-batches, each weighted by
+    its valid tokens, so a step does not depend on the micro-batch size).
+
+    Statistics are means over the steps that were taken (a skipped, non-finite step is
+    counted in optim/skipped_steps, not averaged in as NaN); policy/ratio_max is the
+    largest ratio of any valid token. With ppo.target_approxkl, no further epoch starts once
+    an epoch's mean approxkl exceeds it (cleanrl's target_kl and TRL's early_stopping also
+    stop between epochs)."""
     B = r.query.size(0)
     stats: dict[str, list[float]] = {}
-
-    def policy_loss(mb: Rollouts):
-        logprobs, logits = response_logprobs(actor, mb, p.temperature)
-        mask = mb.response_mask
-        pg_loss, s = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mask, p.clip_range)
-        probs = torch.softmax(logits.float() / p.temperature, -1)
-        entropy = masked_mean(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1), mask)
-        return pg_loss - p.entropy_coef * entropy, {**s, "entropy": entropy.detach()}
-
-    def value_loss(mb: Rollouts):
-        vf_loss, s = ppo_value_loss(response_values(critic, mb), mb.values, mb.returns, mb.response_mask,
-                                    p.clip_range_value)
-        return p.vf_coef * vf_loss, {**s, "vf_loss": vf_loss.detach()}
-
+    lr = actor_stepper.scheduler.get_last_lr()[0]
+    updates, early_stop = 0, False
     for _ in range(p.ppo_epochs):
         order = torch.randperm(B, device=r.query.device)
+        epoch_kl = []
         for start in range(0, B, p.mini_batch_size):
             idx = order[start:start + p.mini_batch_size]
             micro = [r.select(idx[i:i + micro_batch_size]) for i in range(0, len(idx), micro_batch_size)]
-            a = actor_stepper.step(micro, policy_loss)
-            c = critic_stepper.step(micro, value_loss)
-            for k, v in {"loss/policy": a["loss"], "loss/value": c["vf_loss"], "policy/clipfrac": a["clipfrac"],
-                         "policy/approxkl": a["approxkl"], "policy/entropy": a["entropy"],
-                         "policy/ratio_mean": a["ratio_mean"], "policy/ratio_max": a["ratio_max"],
-                         "val/vf_clipfrac": c["vf_clipfrac"], "optim/actor_grad_norm": a["grad_norm"],
-                         "optim/critic_grad_norm": c["grad_norm"], "optim/lr": a["lr"]}.items():
-                stats.setdefault(k, []).append(v)
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
-    out["policy/ratio_max"] = max(stats["policy/ratio_max"])
+            tokens = [float(mb.response_mask.sum()) for mb in micro]
+            a = actor_stepper.step(micro, lambda mb: policy_loss(actor, mb, p), tokens)
+            c = critic_stepper.step(micro, lambda mb: value_loss(critic, mb, p), tokens)
+            updates += 1
+            for tag, (side, key) in UPDATE_TAGS.items():
+                out = a if side == "a" else c
+                if not out["skipped"]:
+                    stats.setdefault(tag, []).append(out[key])
+            if not a["skipped"]:
+                epoch_kl.append(a["approxkl"])
+        # early stop between epochs, so every minibatch gets the same number of passes
+        if p.target_approxkl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > p.target_approxkl:
+            early_stop = True
+            break
+    out = {k: (max(v) if k == "policy/ratio_max" else sum(v) / len(v)) for k, v in stats.items()}
+    out.update({"optim/lr": lr, "policy/updates": updates, "policy/early_stop": float(early_stop)})
     return out
 
 
 # ------------------------------------------------------------------ the stage
 
-def load_models(cfg: PPOConfig, run: Run, with_reward_model: bool = True):
-    """(actor, critic, reference, reward model): actor and critic from the last checkpoint
-    when resuming, else from the SFT and RM checkpoints; dropout off everywhere."""
+def pin(source: str | None) -> str | None:
+    """A model source as the exact checkpoint it means now: a run folder becomes its
+    latest checkpoint, a folder its absolute path; a hub name stays a name."""
+    if source is None:
+        return None
+    path = Path(resolve_input(source))
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = latest_checkpoint(path / "checkpoints") or path  # load_pretrained names a run without one
+    return str(path.resolve()) if path.exists() else source
+
+
+def model_sources(cfg: PPOConfig, run: Run, with_reward_model: bool) -> dict:
+    """{"actor", "critic", "reward"}: the checkpoints this run starts from, resolved once when
+    it starts and pinned in its state. A resumed run takes them from there, so its reference
+    and reward model are exactly those it started with, even if the SFT or RM run folder it
+    named has moved on to a newer checkpoint since."""
     if not cfg.actor.pretrain or not cfg.critic.pretrain:
         raise ConfigError("ppo needs -a/--actor (an SFT checkpoint) and -c/--critic (a reward-model checkpoint)")
+    if run.checkpoint is not None and "sources" in run.state:
+        sources = run.state["sources"]
+        for name, src in sources.items():
+            if src is not None and Path(src).is_absolute() and not Path(src).exists():
+                raise ConfigError(f"--resume: this run started from the {name} checkpoint {src}, which is gone; "
+                                  f"restore it to resume (a different {name} would change the run)")
+        return sources
+    if run.checkpoint is not None:  # a run from before sources were pinned
+        run.print("note: this checkpoint does not pin its reference and reward model; resolving them again")
+    return {"actor": pin(cfg.actor.pretrain), "critic": pin(cfg.critic.pretrain),
+            "reward": pin(cfg.reward or cfg.critic.pretrain) if with_reward_model else None}
+
+
+def load_models(cfg: PPOConfig, run: Run, sources: dict):
+    """(actor, critic, reference, reward model): actor and critic from the last checkpoint
+    when resuming, else from the pinned SFT and RM checkpoints; dropout off everywhere."""
     models = restore_models(run, {
-        "actor": lambda: build_model(cfg.actor, "lm", cfg.lora, cfg.train.seed),
-        "critic": lambda: build_model(cfg.critic, "scalar", cfg.critic_lora, cfg.train.seed)})
+        "actor": lambda: build_model(dataclasses.replace(cfg.actor, pretrain=sources["actor"]), "lm", cfg.lora,
+                                     cfg.train.seed),
+        "critic": lambda: build_model(dataclasses.replace(cfg.critic, pretrain=sources["critic"]), "scalar",
+                                      cfg.critic_lora, cfg.train.seed)})
     actor, critic = models["actor"], models["critic"]
     if cfg.lora.r > 0:
         reference = None  # the actor with adapters off
     else:
-        reference = load_pretrained(resolve_input(cfg.actor.pretrain), kind="lm").to(run.device)
+        reference = load_pretrained(sources["actor"], kind="lm").to(run.device)
         reference.requires_grad_(False)
     reward = None
-    if with_reward_model:
-        reward = load_pretrained(resolve_input(cfg.reward or cfg.critic.pretrain), kind="scalar").to(run.device)
+    if sources["reward"] is not None:
+        reward = load_pretrained(sources["reward"], kind="scalar").to(run.device)
         reward.requires_grad_(False)
     for m in (actor, critic, reference, reward):
         if m is not None:
@@ -236,8 +331,9 @@ def train(cfg: PPOConfig, resume: str | Path | None = None,
         prompts, stats = prompt_examples(records, cfg.data, cfg.prompts.min_tokens, cfg.prompts.max_tokens, enc,
                                          "data.train", seed=t.seed)
         run.print(stats.report())
-    actor, critic, reference, reward_model = load_models(cfg, run, with_reward_model=reward_fn is None)
-    score_fn = model_reward(reward_model) if reward_fn is None else callable_reward(reward_fn, enc)
+    sources = model_sources(cfg, run, with_reward_model=reward_fn is None)
+    actor, critic, reference, reward_model = load_models(cfg, run, sources)
+    score_fn = model_reward(reward_model, p.forward_batch_size) if reward_fn is None else callable_reward(reward_fn, enc)
     if actor.config.block_size < cfg.prompts.max_tokens + p.max_new_tokens:
         raise ConfigError(f"prompts.max_tokens + ppo.max_new_tokens ({cfg.prompts.max_tokens} + {p.max_new_tokens}) "
                           f"exceed the actor's context ({actor.config.block_size})")
@@ -245,7 +341,7 @@ def train(cfg: PPOConfig, resume: str | Path | None = None,
     def reference_logprobs(r: Rollouts) -> torch.Tensor:
         ctx = adapters_disabled(actor) if reference is None else nullcontext()
         with ctx:
-            return response_logprobs(actor if reference is None else reference, r, p.temperature)[0]
+            return response_logprobs(actor if reference is None else reference, r, p)[0]
 
     micro = t.micro_batch_size or p.mini_batch_size
     updates_per_iter = p.ppo_epochs * math.ceil(t.batch_size / p.mini_batch_size)
@@ -259,7 +355,8 @@ def train(cfg: PPOConfig, resume: str | Path | None = None,
         q, m = left_pad([prompts[i] for i in source.indices(step)], pad=eos_id(actor) or 0)
         return q.to(run.device), m.to(run.device)
 
-    # reward normalisation: gain and bias from the starting policy's scores (once)
+    # reward normalisation: gain and bias from the starting policy's scores (once), folded
+    # into the critic's head when the critic starts as that same reward model
     if run.checkpoint is not None:
         gain, bias = run.state["reward_gain"], run.state["reward_bias"]
         kl_ctl.load_state_dict(run.state["kl_ctl"])
@@ -269,15 +366,23 @@ def train(cfg: PPOConfig, resume: str | Path | None = None,
             for i in range(math.ceil(p.normalization_samples / t.batch_size)):
                 raw.append(score_fn(rollout(actor, *batch_of(i, sampler), p)))
         raw = torch.cat(raw)
-        gain, bias = 1.0 / (float(raw.std()) + 1e-8), -float(raw.mean()) / (float(raw.std()) + 1e-8)
-        run.print(f"reward normalisation from {raw.numel()} rollouts: mean {raw.mean():.4f}, std {raw.std():.4f}")
+        try:
+            gain, bias, warning = reward_normalisation(raw)
+        except ValueError as e:
+            raise RewardError(str(e)) from None
+        run.print(f"reward normalisation from {raw.numel()} rollouts: gain {gain:.4f}, bias {bias:.4f}"
+                  + (f"\nwarning: {warning}" if warning else ""))
     else:
         gain, bias = 1.0, 0.0
+    if run.checkpoint is None and sources["reward"] is not None and sources["reward"] == sources["critic"]:
+        fold_normalisation(critic, gain, bias)  # DESIGN.md detail 14
     start = resume_step(run, {"actor_": actor_stepper, "critic_": critic_stepper})
     run.tracker = tracker = Tracker(run.dir, t.max_steps, start)
     run.print(f"run folder: {run.dir}\ndevice {run.device}, {str(run.dtype).replace('torch.', '')}; actor "
               f"{sum(q.numel() for q in actor_stepper.params):,} trainable, critic "
               f"{sum(q.numel() for q in critic_stepper.params):,} trainable; iterations {start}..{t.max_steps}")
+    run.print("starting from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v is not None))
+    chunk = p.forward_batch_size
     try:
         for it in range(start, t.max_steps):
             t0 = time.perf_counter()
@@ -290,9 +395,9 @@ def train(cfg: PPOConfig, resume: str | Path | None = None,
                 raw = score_fn(r)
                 score = shape_scores(raw, r, p, gain, bias)
                 # 3. logprobs under actor and reference; critic values
-                r.logprobs = response_logprobs(actor, r, p.temperature)[0].float()
-                ref_logprobs = reference_logprobs(r).float()
-                r.values = response_values(critic, r)
+                r.logprobs = in_chunks(lambda c: response_logprobs(actor, c, p)[0], r, chunk)
+                ref_logprobs = in_chunks(reference_logprobs, r, chunk)
+                r.values = in_chunks(lambda c: response_values(critic, c), r, chunk)
             # 4. advantages
             logs = advantages(r, score, ref_logprobs, kl_ctl.value, p)
             t2 = time.perf_counter()
@@ -323,7 +428,7 @@ def train(cfg: PPOConfig, resume: str | Path | None = None,
             if (t.save_every and done % t.save_every == 0) or done == t.max_steps:
                 save(run, done, {"actor": actor, "critic": critic},
                      {"actor_": actor_stepper, "critic_": critic_stepper},
-                     {"kl_ctl": kl_ctl.state_dict(), "reward_gain": gain, "reward_bias": bias,
+                     {"kl_ctl": kl_ctl.state_dict(), "reward_gain": gain, "reward_bias": bias, "sources": sources,
                       "data_position": stream.position(done)})
         run.print(f"done: {run.dir}")
     finally:

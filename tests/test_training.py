@@ -1,5 +1,7 @@
 """The shared training pieces, in-process: the step helper, schedule, NaN guard, stages."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -8,7 +10,10 @@ from conftest import TINY_ARGS, write_reviews
 
 from gpt2rlhf.checkpoint import CheckpointError, latest_checkpoint, load_model, save_checkpoint
 from gpt2rlhf.config import OptimArgs, RMConfig, SFTConfig, TrainArgs, load_config, parse_overrides
+from gpt2rlhf.data import collate_sft
+from gpt2rlhf.losses import lm_loss
 from gpt2rlhf.model import GPT, GPTScalar
+from gpt2rlhf.tokenizer import EOT_TOKEN
 from gpt2rlhf.trainers import rm, sft
 from gpt2rlhf.trainers.common import Run, Stepper, TrainingError, lr_factor
 
@@ -39,6 +44,51 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_config, tmp_path):
     assert math.isclose(finals[0][0]["loss"], finals[1][0]["loss"], rel_tol=1e-6)
     assert math.isclose(finals[0][0]["grad_norm"], finals[1][0]["grad_norm"], rel_tol=1e-5)
     assert (finals[0][1] - finals[1][1]).abs().max() < 1e-5  # Adam divides by sqrt(v): float noise, not drift
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_micro_batches_count_by_their_weights_and_max_metrics_by_the_largest(tiny_config, tmp_path):
+    # SFT examples of clearly different lengths (2, 5 and 12 loss tokens), right-padded with EOS
+    rows = [{"input_ids": list(range(1, n + 2)), "loss_mask": [0] + [1] * n} for n in (2, 5, 12)]
+    grads, outs = [], []
+    for micro in (1, 3):
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(tiny_config, vocab_size=EOT_TOKEN + 1))
+        stepper = Stepper(model, make_run(tmp_path), OptimArgs(warmup_steps=0), TrainArgs(), 10)
+
+        def loss_fn(b):
+            loss = lm_loss(model(b["input_ids"], attention_mask=b["attention_mask"]), b["input_ids"], b["loss_mask"])
+            return loss, {"tokens": b["loss_mask"].sum().float(), "tokens_max": b["loss_mask"].sum().float()}
+
+        mbs = [collate_sft(rows[i:i + micro]) for i in range(0, 3, micro)]
+        real_step = stepper.optimizer.step
+        stepper.optimizer.step = lambda *a, **k: (grads.append([p.grad.clone() for p in stepper.params]),
+                                                  real_step(*a, **k))[1]
+        outs.append(stepper.step(mbs, loss_fn, [sft.loss_tokens(b) for b in mbs]))
+    (g1, g3), (o1, o3) = grads, outs
+    assert max((a - b).abs().max().item() for a, b in zip(g1, g3)) < 1e-6  # a mean over tokens, not examples
+    assert math.isclose(o1["loss"], o3["loss"], rel_tol=1e-6) and math.isclose(o1["grad_norm"], o3["grad_norm"],
+                                                                                 rel_tol=1e-5)
+    assert math.isclose(o1["tokens"], (2 * 2 + 5 * 5 + 12 * 12) / 19, rel_tol=1e-6)  # token-weighted mean
+    assert o1["tokens_max"] == 12 and o3["tokens_max"] == 19  # "_max": the largest over micro-batches
+    assert rm.pair_count({"input_ids": torch.zeros(6, 4)}) == 3
+
+
+def test_sft_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, monkeypatch):
+    data = tmp_path / "lengths.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(["word"] * n)}) + "\n" for n in range(1, 41, 2)))
+    real_clip = torch.nn.utils.clip_grad_norm_
+    grads = []
+
+    def spy(params, *a, **k):  # the accumulated gradient, before clipping
+        grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
+        return real_clip(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    for micro in ("1", "4"):  # 4 examples of different lengths, one at a time or all at once
+        sft.train(tiny_cfg(SFTConfig, tmp_path, str(data), ["--train.max_steps", "1", "--train.micro_batch_size",
+                                                            micro, "--run.exp_name", f"micro{micro}"]))
+    assert len(grads) == 2 and (grads[0] - grads[1]).abs().max().item() < 1e-6
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -95,6 +145,14 @@ def test_fp16_inf_gradients_are_skipped_and_lower_the_loss_scale(tiny_config, tm
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def scalars(run_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def tiny_cfg(cls, tmp_path, data, extra=()):
     return load_config(cls, overrides=parse_overrides(
         TINY_ARGS + ["--data.train", data, "--run.out_dir", str(tmp_path / "runs"), *extra]))
@@ -107,6 +165,17 @@ def test_sft_then_rm_in_process(tmp_path):
     rm_dir = rm.train(tiny_cfg(RMConfig, tmp_path, data, ["--train.max_steps", "3", "-p", str(sft_dir)]))
     reward_model = load_model(latest_checkpoint(rm_dir / "checkpoints"), kind="scalar")
     assert isinstance(reward_model, GPTScalar) and reward_model.config == lm.config
+
+
+def test_a_skipped_step_logs_no_loss_or_statistics(tmp_path, monkeypatch):
+    data = write_reviews(tmp_path / "reviews.jsonl")
+    real = rm.pair_rewards
+    monkeypatch.setattr(rm, "pair_rewards", lambda m, b: tuple(x * float("nan") for x in real(m, b)))
+    run_dir = rm.train(tiny_cfg(RMConfig, tmp_path, data, ["--train.max_steps", "2", "--train.max_bad_steps", "3"]))
+    logged = scalars(run_dir)
+    assert logged["optim/skipped_steps"] == [1, 2] and len(logged["optim/lr"]) == 2
+    # not NaN, and not an accuracy of 0 computed from NaN rewards: nothing of a step not taken
+    assert not [tag for tag in logged if tag.startswith(("loss/train", "optim/grad_norm", "objective/"))]
 
 
 def test_lora_sft_trains_adapters_only(tmp_path):

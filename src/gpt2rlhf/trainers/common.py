@@ -183,19 +183,34 @@ class Stepper:
         self.grad_clip = optim.grad_clip
         self.bad_in_row, self.skipped = 0, 0
 
-    def step(self, micro_batches: list, loss_fn: Callable) -> dict:
-        """loss_fn(micro_batch) -> (loss tensor, {name: float tensor}); returns the step's
-        mean loss and metrics, lr, grad norm and whether it was skipped."""
-        n = len(micro_batches)
+    def step(self, micro_batches: list, loss_fn: Callable, weights: list[float] | None = None) -> dict:
+        """loss_fn(micro_batch) -> (loss tensor, {name: float tensor}), each a mean over the
+        micro-batch's own units (loss tokens for SFT, pairs for the RM); weights[i] is how
+        many units micro-batch i has (None: equally many). Its loss counts weights[i] /
+        sum(weights) towards the gradient, so the step's gradient is that of the mean over
+        every unit of the batch, whatever the micro-batch size (with one micro-batch the
+        factor is exactly 1). Returns the step's loss and metrics as the same weighted
+        means, except metrics named "*_max" (PPO's "ratio_max"), which are the largest over
+        the micro-batches; and lr, grad norm and whether the step was skipped."""
+        if weights is None:
+            weights = [1.0] * len(micro_batches)
+        if len(weights) != len(micro_batches):
+            raise ValueError(f"{len(weights)} weights for {len(micro_batches)} micro-batches")
+        total_weight = float(sum(weights)) or 1.0  # no unit at all: every share is 0
         total, metrics = 0.0, {}
-        for mb in micro_batches:
+        for mb, weight in zip(micro_batches, weights):
+            share = weight / total_weight
             with self.run.autocast():
                 loss, m = loss_fn(mb)
-            self.scaler.scale(loss / n).backward()
-            total = total + loss.detach()
+            self.scaler.scale(loss * share).backward()
+            total = total + loss.detach() * share
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v.detach() / n
-        loss_value = float(total) / n
+                v = v.detach()
+                if k.endswith("_max"):
+                    metrics[k] = torch.maximum(metrics[k], v) if k in metrics else v
+                else:
+                    metrics[k] = metrics.get(k, 0.0) + v * share
+        loss_value = float(total)
         lr = self.scheduler.get_last_lr()[0]
         # always unscale: with fp16 it records the inf check that scaler.update() needs
         self.scaler.unscale_(self.optimizer)
@@ -300,10 +315,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def fit(run: Run, model: nn.Module, examples: list, collate: Callable, loss_fn: Callable,
-        evaluate: Callable[[], dict], tokens_of: Callable[[dict], int]) -> Path:
+        evaluate: Callable[[], dict], tokens_of: Callable[[dict], int], weight_of: Callable[[dict], float]) -> Path:
     """The loop SFT and RM share: each step reads the examples BatchStream gives it, in
-    micro-batches; logs every log_every steps, evaluates every eval_every, checkpoints
-    every save_every and at the end."""
+    micro-batches weighted by weight_of(collated micro-batch), the number of units its
+    loss averages over (Stepper.step's weights); logs every log_every steps, evaluates
+    every eval_every, checkpoints every save_every and at the end."""
     t = run.cfg.train
     micro = t.micro_batch_size or t.batch_size
     stepper = Stepper(model, run, run.cfg.optim, t, t.max_steps)
@@ -318,18 +334,22 @@ def fit(run: Run, model: nn.Module, examples: list, collate: Callable, loss_fn: 
     try:
         for step in range(start, t.max_steps):
             batch = [examples[i] for i in stream.indices(step)]
-            micro_batches = [to_device(collate(batch[i:i + micro]), run.device) for i in range(0, len(batch), micro)]
-            out = stepper.step(micro_batches, loss_fn)
+            collated = [collate(batch[i:i + micro]) for i in range(0, len(batch), micro)]
+            weights = [weight_of(mb) for mb in collated]
+            micro_batches = [to_device(mb, run.device) for mb in collated]
+            out = stepper.step(micro_batches, loss_fn, weights)
             tokens += sum(tokens_of(mb) for mb in micro_batches)
             done = step + 1
             tracker.progress(1, loss=out["loss"])
             if done % t.log_every == 0 or done == t.max_steps:
                 elapsed = time.perf_counter() - t0
-                tracker.scalars(done, {"loss/train": out["loss"], "optim/lr": out["lr"],
-                                       "optim/grad_norm": out["grad_norm"], "optim/skipped_steps": stepper.skipped,
-                                       "time/tokens_per_sec": tokens / elapsed,
-                                       **{f"objective/{k}": v for k, v in out.items()
-                                          if k not in ("loss", "lr", "grad_norm", "skipped")}})
+                values = {"optim/lr": out["lr"], "optim/skipped_steps": stepper.skipped,
+                          "time/tokens_per_sec": tokens / elapsed}
+                if not out["skipped"]:  # a skipped step's loss and statistics (NaN, or from NaN) describe no update
+                    values.update({"loss/train": out["loss"], "optim/grad_norm": out["grad_norm"],
+                                   **{f"objective/{k}": v for k, v in out.items()
+                                      if k not in ("loss", "lr", "grad_norm", "skipped")}})
+                tracker.scalars(done, values)
                 tracker.progress(0, loss=out["loss"], tok_s=f"{tokens / elapsed:,.0f}")
                 t0, tokens = time.perf_counter(), 0
             if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:

@@ -35,6 +35,11 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
             "reward_mean": both.mean(), "reward_std": both.std()}
 
 
+def pair_count(batch: dict) -> float:
+    """The pairs in a collate_pairs batch (the loss is their mean): a micro-batch's weight."""
+    return batch["input_ids"].size(0) / 2
+
+
 def train(cfg: RMConfig, resume: str | Path | None = None) -> Path:
     run = open_run(cfg, "rm", resume)
     enc = get_tokenizer()
@@ -68,7 +73,7 @@ def train(cfg: RMConfig, resume: str | Path | None = None) -> Path:
 
     # 3. the loop
     return fit(run, model, train_ex, collate_pairs, loss_fn, evaluate,
-               tokens_of=lambda b: int(b["attention_mask"].sum()))
+               tokens_of=lambda b: int(b["attention_mask"].sum()), weight_of=pair_count)
 
 
 def main(argv=None, usage: str = __doc__):

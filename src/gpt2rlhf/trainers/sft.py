@@ -2,8 +2,9 @@
 
     1. data: records -> token examples (prompt masked out of the loss), counted truncation
     2. model: a Hugging Face GPT-2, one of our checkpoints, or a new random model; LoRA optional
-    3. the shared loop (common.fit): AdamW, warmup + cosine, accumulation, clipping,
-       NaN guard, TensorBoard, checkpoints with exact resume
+    3. the shared loop (common.fit): AdamW, warmup + cosine, accumulation (micro-batches
+       weighted by their loss tokens), clipping, NaN guard, TensorBoard, checkpoints with
+       exact resume
     4. eval: token-weighted loss and perplexity on the held-out set
 """
 
@@ -18,6 +19,13 @@ from ..data import collate_sft, sft_examples, train_eval_records
 from ..losses import lm_loss
 from ..tokenizer import get_tokenizer
 from .common import cli, eval_chunks, fit, open_run, supervised_model, to_device
+
+
+def loss_tokens(batch: dict) -> float:
+    """The tokens lm_loss averages over (loss_mask, less each row's first token, which
+    nothing predicts): a micro-batch's weight in a step, so the step is the mean over
+    the batch's tokens whatever the micro-batch size."""
+    return float(batch["loss_mask"][:, 1:].sum())
 
 
 def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
@@ -52,7 +60,7 @@ def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
 
     # 3. the loop
     return fit(run, model, train_ex, collate_sft, loss_fn, evaluate,
-               tokens_of=lambda b: int(b["attention_mask"].sum()))
+               tokens_of=lambda b: int(b["attention_mask"].sum()), weight_of=loss_tokens)
 
 
 def main(argv=None, usage: str = __doc__):

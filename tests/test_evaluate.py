@@ -162,6 +162,56 @@ def test_response_cache_follows_the_model(tmp_path):
     assert len(loads) == 2
 
 
+
+def test_model_identity_sees_the_weights_of_every_kind_of_source(tmp_path):
+    """The response cache key changes when the weights that would be loaded change: a PPO
+    checkpoint's actor (no model.safetensors there), through its run folder too, and a
+    Hugging Face folder's model.safetensors, shards or pytorch_model.bin."""
+    from safetensors.torch import load_file, save_file
+
+    from gpt2rlhf.evaluation import model_identity
+    from gpt2rlhf.hf import export_hf
+
+    def rewrite(path):  # the same file, same size, one tensor changed
+        tensors = load_file(str(path))
+        first = sorted(tensors)[0]
+        tensors[first] = tensors[first] + 1.0
+        save_file(tensors, str(path))
+
+    config = GPTConfig(block_size=32, vocab_size=101, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    run = tmp_path / "ppo_run"
+    ckpt = save_checkpoint(run / "checkpoints" / "step_00000001", {"actor": GPT(config), "critic": GPTScalar(config)})
+    before, run_before = model_identity(str(ckpt)), model_identity(str(run))
+    assert model_identity(str(ckpt)) == before  # stable while nothing changes
+    rewrite(ckpt / "actor.safetensors")
+    assert model_identity(str(ckpt)) != before
+    assert model_identity(str(run)) != run_before
+
+    hf = export_hf(GPT(config), tmp_path / "hf")
+    before = model_identity(str(hf))
+    rewrite(hf / "model.safetensors")
+    assert model_identity(str(hf)) != before
+    tensors = load_file(str(hf / "model.safetensors"))  # as shards with an index
+    (hf / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {f"model-{i}.safetensors": part for i, part in enumerate((names[::2], names[1::2]))}
+    for shard, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(hf / shard))
+    (hf / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, part in shards.items() for k in part}}))
+    before = model_identity(str(hf))
+    rewrite(hf / "model-1.safetensors")
+    assert model_identity(str(hf)) != before
+    for f in hf.glob("model*"):
+        f.unlink()
+    torch.save(tensors, hf / "pytorch_model.bin")
+    before = model_identity(str(hf))
+    tensors[names[0]] += 1.0
+    torch.save(tensors, hf / "pytorch_model.bin")
+    assert model_identity(str(hf)) != before
+    assert model_identity("gpt2") == "gpt2"
+
 def test_bad_sentiment_file_fails_before_sampling(setup, tmp_path):
     _, (m1, m2), _, prompts = setup
     bad = tmp_path / "bad.jsonl"

@@ -78,11 +78,12 @@ def server():
 
 
 def settings(server, **kw):
-    return JudgeSettings(model="scripted", base_url=server.url, api_key=resolve_api_key(None, server.url),
-                         timeout=kw.pop("timeout", 1.0), max_retries=kw.pop("max_retries", 3), **kw)
+    return JudgeSettings(model=kw.pop("model", "scripted"), base_url=server.url,
+                         api_key=resolve_api_key(None, server.url), timeout=kw.pop("timeout", 1.0),
+                         max_retries=kw.pop("max_retries", 3), **kw)
 
 
-ITEMS = [("win", "p", "GOOD answer", "weak answer"), ("loss", "p", "weak answer", "GOOD answer"),
+ITEMS = [("win", "p", "GOOD answer", "weak answer"), ("loss", "q", "weak answer", "GOOD answer"),
          ("biased", "p", "POSITION x", "POSITION y"), ("tie", "p", "TIE x", "TIE y"),
          ("invalid", "p", "MALFORMED x", "MALFORMED y")]
 
@@ -140,3 +141,42 @@ def test_keys(tmp_path, monkeypatch):
     assert resolve_api_key(str(key), None) == "sk-plain"
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
     assert resolve_api_key(str(key), None) == "sk-env"
+
+
+def test_judgements_are_reused_by_content_not_by_item_id(server, tmp_path):
+    """A verdict belongs to what the judge was shown: a rerun on the same texts asks
+    nothing (whatever the ids), a changed response or judge is asked again."""
+    log = tmp_path / "j.jsonl"
+    Judge(settings(server), log).judge(ITEMS)
+    asked = len(server.requests)
+    relabelled = [(f"other|{i}", *rest) for i, (_, *rest) in enumerate(ITEMS)]
+    outcomes, failed = Judge(settings(server), log).judge(relabelled)
+    assert len(server.requests) == asked and failed == 0  # the same texts: nothing asked
+    assert outcomes["other|0"] == "win" and outcomes["other|1"] == "loss"
+
+    changed = [ITEMS[0], ("loss", "q", "weak answer", "GOOD new answer")] + ITEMS[2:]  # same id, new response
+    outcomes, _ = Judge(settings(server), log).judge(changed)
+    assert sorted(server.requests[asked:]) == sorted([("weak answer", "GOOD new answer"),
+                                                      ("GOOD new answer", "weak answer")])
+    assert outcomes["loss"] == "loss"
+    asked = len(server.requests)
+
+    Judge(settings(server, model="another-judge"), log).judge(ITEMS[:1])  # another judge model
+    assert sorted(server.requests[asked:]) == sorted([("GOOD answer", "weak answer"), ("weak answer", "GOOD answer")])
+
+
+def test_a_stale_verdict_is_not_reused_when_a_response_changes(server, tmp_path):
+    """The review's case: the same labels and prompt index, another model's response."""
+    log = tmp_path / "j.jsonl"
+    assert Judge(settings(server), log).judge([("a|b|0", "p", "GOOD answer", "weak answer")])[0] == {"a|b|0": "win"}
+    asked = len(server.requests)
+    outcomes, _ = Judge(settings(server), log).judge([("a|b|0", "p", "weak answer", "GOOD retrained")])
+    assert outcomes == {"a|b|0": "loss"} and len(server.requests) == asked + 2
+
+
+def test_log_lines_without_a_content_key_are_not_reused(server, tmp_path):
+    log = tmp_path / "j.jsonl"
+    log.write_text("".join(json.dumps({"id": "win", "order": o, "verdict": "B", "reply": "Verdict: B"}) + "\n"
+                           for o in ("12", "21")))
+    outcomes, _ = Judge(settings(server), log).judge(ITEMS[:1])
+    assert outcomes == {"win": "win"} and len(server.requests) == 2

@@ -59,14 +59,33 @@ def sample_responses(model, prompts: list[list[int]], s: SamplingSettings, devic
 
 def model_identity(source: str) -> str:
     """What a model source resolves to, for the response cache: the checkpoint folder a run
-    folder currently points at (it moves on while a run trains) and its weights' mtime."""
-    from .checkpoint import latest_checkpoint
+    folder currently points at (it moves on while a run trains) and a hash of the files its
+    weights are loaded from (our checkpoint.json and every <name>.safetensors, e.g. a PPO
+    checkpoint's actor and critic; a Hugging Face folder's config.json and weights), so
+    weights rewritten in place are sampled again. A hub name stands for itself."""
+    import hashlib
+
+    from .checkpoint import META_FILE, latest_checkpoint
+    from .hf import hf_weight_files
 
     p = Path(source)
-    if (p / "checkpoints").is_dir():
+    if p.is_dir() and not (p / META_FILE).exists() and (p / "checkpoints").is_dir():
         p = latest_checkpoint(p / "checkpoints") or p
-    weights = p / "model.safetensors"
-    return f"{p.resolve() if p.exists() else source}@{weights.stat().st_mtime_ns if weights.is_file() else ''}"
+    if not p.is_dir():
+        return source
+    if (p / META_FILE).is_file():
+        files = [p / META_FILE] + sorted(p.glob("*.safetensors"))
+    else:
+        files = [p / "config.json"] + hf_weight_files(p)
+    digest = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+            digest.update(f"{f.name}:{h.hexdigest()}\n".encode())
+    return f"{p.resolve()}@{digest.hexdigest()}"
 
 
 def cached_responses(path: Path, label: str, load_model, prompts, s: SamplingSettings, device,

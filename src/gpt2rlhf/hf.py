@@ -44,6 +44,16 @@ def config_from_hf(hf: dict, source: Path, **overrides) -> GPTConfig:
         raise CheckpointError(f"{source}: {e}") from None
 
 
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The files read_hf_weights reads, in its order of preference (for a cache key)."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [index] + [folder / s for s in sorted(set(read_json(index).get("weight_map", {}).values()))]
+    return [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else []
+
+
 def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The tensors of a Hugging Face folder, and the file they came from."""
     if (folder / "model.safetensors").is_file():

@@ -5,12 +5,15 @@ Against the two known biases of LLM judges (FastChat #3911: position and length)
 pair is judged twice, with A and B swapped; a verdict counts only when both orders agree,
 otherwise it is a tie. The reply must end in a fixed line ("Verdict: A|B|tie"); a reply
 without one is counted as invalid, never replaced by a guess. Every judgement is appended
-to a JSONL file as soon as it is made, so an interrupted run resumes without asking (or
-paying) twice. The API key is never printed or logged.
+to a JSONL file as soon as it is made, under a hash of what was asked (judge model, judging
+prompt, conversation, responses A and B), so an interrupted run resumes without asking (or
+paying) twice, and a changed response, judge or judging prompt is asked again, never
+answered by a stale verdict. The API key is never printed or logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -109,7 +112,8 @@ class JudgeSettings:
 
 class Judge:
     """Judges (id, prompt, response 1, response 2) items in both orders, concurrently,
-    appending each judgement to `log_path` as it arrives and skipping those already there."""
+    appending each judgement to `log_path` as it arrives and skipping those already there
+    (the same judge, judging prompt and texts shown, whatever the item's id)."""
 
     def __init__(self, settings: JudgeSettings, log_path: str | Path, client=None):
         from openai import OpenAI
@@ -121,25 +125,35 @@ class Judge:
                                        timeout=settings.timeout, max_retries=settings.max_retries)
         self.lock = threading.Lock()
 
-    def done(self) -> dict[tuple[str, str], dict]:
-        """Judgements already in the log, by (item id, order)."""
+    def done(self) -> dict[str, dict]:
+        """Judgements already in the log, by content key (lines written before keys were
+        logged have none: they are not reused)."""
         out = {}
         if self.log_path.is_file():
             for line in self.log_path.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
-                    out[(rec["id"], rec["order"])] = rec
+                    if "key" in rec:
+                        out[rec["key"]] = rec
         return out
+
+    def key(self, prompt: str, a: str, b: str) -> str:
+        """What a verdict depends on, hashed: the item's id and labels are not part of it, so
+        a rerun after a model or the prompts changed cannot reuse a verdict on other texts."""
+        asked = {"judge_model": self.s.model, "system": SYSTEM, "template": TEMPLATE,
+                 "prompt": prompt, "a": a, "b": b}
+        return hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def messages(self, prompt: str, a: str, b: str) -> list[dict]:
         return [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": TEMPLATE.format(prompt=prompt.strip(), a=a.strip(), b=b.strip())}]
 
-    def _ask(self, item_id: str, order: str, prompt: str, a: str, b: str) -> dict:
+    def _ask(self, key: str, item_id: str, order: str, prompt: str, a: str, b: str) -> dict:
         reply = self.client.chat.completions.create(model=self.s.model, messages=self.messages(prompt, a, b),
                                                     temperature=0.0, max_tokens=self.s.max_tokens)
         text = reply.choices[0].message.content or ""
-        rec = {"id": item_id, "order": order, "verdict": parse_verdict(text), "reply": text}
+        rec = {"key": key, "id": item_id, "order": order, "judge_model": self.s.model,
+               "verdict": parse_verdict(text), "reply": text}
         with self.lock:  # one whole line at a time, flushed: a kill loses at most the request in flight
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -149,25 +163,26 @@ class Judge:
         """({item id: win | loss | tie | invalid} for model 1, number of failed requests).
         Requests that fail after the client's retries are not logged (a rerun asks again)."""
         done = self.done()
-        todo = []
+        keys, todo = {}, {}
         for item_id, prompt, r1, r2 in items:
             for order, (a, b) in (("12", (r1, r2)), ("21", (r2, r1))):
-                if (item_id, order) not in done:
-                    todo.append((item_id, order, prompt, a, b))
+                keys[(item_id, order)] = k = self.key(prompt, a, b)
+                if k not in done and k not in todo:  # the same texts twice are asked once
+                    todo[k] = (k, item_id, order, prompt, a, b)
         failed = 0
         if todo:
             with ThreadPoolExecutor(max_workers=self.s.concurrency) as pool:
-                futures = [pool.submit(self._ask, *t) for t in todo]
+                futures = [pool.submit(self._ask, *t) for t in todo.values()]
                 for fut in as_completed(futures):
                     try:
                         rec = fut.result()
-                        done[(rec["id"], rec["order"])] = rec
+                        done[rec["key"]] = rec
                     except Exception as e:  # the client's retries are spent
                         failed += 1
                         self.last_error = e
         outcomes = {}
         for item_id, *_ in items:
-            first, second = done.get((item_id, "12")), done.get((item_id, "21"))
+            first, second = done.get(keys[(item_id, "12")]), done.get(keys[(item_id, "21")])
             if first is None or second is None:
                 continue  # failed: not counted, asked again on the next run
             outcomes[item_id] = combine(first["verdict"], second["verdict"])

@@ -1,5 +1,7 @@
 """LoRA through loralib: equal at init, explicit merge only, trainable counts, heads train."""
 
+import json
+
 import pytest
 import torch
 
@@ -121,3 +123,29 @@ def test_r_zero_means_no_adapters(tiny_model):
     apply_lora(tiny_model, LoraConfig(r=0))
     assert not lora_layers(tiny_model)
     assert n_trainable(tiny_model) == tiny_model.num_params(non_embedding=False)
+
+
+@pytest.mark.parametrize("targets", [ALL, ("attn.c_attn", "mlp.c_proj")])
+def test_export_hf_writes_what_the_lora_model_computes(tiny_model, tmp_path, targets):
+    """An adapter on a tied LM head makes the head differ from the embeddings: the export
+    must be untied (else transformers re-ties the head to wte and drops the adapter);
+    without one, the export stays tied. transformers and our loader give our logits."""
+    from transformers import GPT2LMHeadModel
+
+    from gpt2rlhf.hf import export_hf, from_pretrained
+
+    apply_lora(tiny_model, LoraConfig(r=4, alpha=8, targets=targets))
+    randomise_adapters(tiny_model)
+    with torch.no_grad():
+        for _, layer in lora_layers(tiny_model):  # lora_A is random at init; make the deltas large
+            layer.lora_B.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    out = export_hf(tiny_model, tmp_path / "export")
+    assert tiny_model.config.tie_word_embeddings and lora_layers(tiny_model)  # the model itself is unchanged
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = tiny_model(ids)
+        theirs = GPT2LMHeadModel.from_pretrained(out).eval()(ids).logits
+        back = from_pretrained(out).eval()(ids)
+    assert (theirs - ours).abs().max() < 1e-4
+    assert (back - ours).abs().max() < 1e-4
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is ("lm_head" not in targets)

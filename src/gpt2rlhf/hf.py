@@ -129,8 +129,8 @@ def from_pretrained(name_or_path: str | Path, kind: str = "lm", **overrides):
 
 def export_hf(model: GPT, folder: str | Path):
     """Write `model` as a Hugging Face GPT2LMHeadModel folder (config.json +
-    model.safetensors) that `transformers` loads unchanged. LoRA adapters are folded in;
-    the model itself is not modified."""
+    model.safetensors) that `transformers` loads unchanged. LoRA adapters are folded in
+    (one on a tied LM head unties it in the export); the model itself is not modified."""
     if not isinstance(model, GPT):
         raise TypeError(f"export_hf writes language models (GPT), not {type(model).__name__}")
     if not model.config.bias:
@@ -139,7 +139,10 @@ def export_hf(model: GPT, folder: str | Path):
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     sd = merged_state_dict(model)
-    if c.tie_word_embeddings:
+    # A LoRA adapter merged into a tied head makes it differ from wte: written tied,
+    # transformers would re-tie it and drop the adapter, so such a head is written untied.
+    tied = c.tie_word_embeddings and torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    if tied:
         sd.pop("lm_head.weight")  # transformers re-ties it from wte
     tensors = {k: (v.t() if k.endswith(CONV1D) else v).detach().to("cpu").contiguous() for k, v in sd.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -151,7 +154,7 @@ def export_hf(model: GPT, folder: str | Path):
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
         "layer_norm_epsilon": c.layer_norm_epsilon, "initializer_range": 0.02,
         "scale_attn_weights": True, "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
-        "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+        "tie_word_embeddings": tied, "torch_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
     }
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return folder

@@ -6,7 +6,7 @@ A row that has emitted EOS is finished: its later slots hold `pad_token_id`, mas
 logprob 0. The loop stops as soon as every row is finished.
 
 The logprob returned for each token is log softmax(logits / temperature), before top-k /
-top-p filtering: the same quantity PPO recomputes under the policy (DESIGN.md detail 9).
+top-p filtering: the same quantity PPO recomputes under the policy (lm-human-preferences: logits / temperature).
 """
 
 from __future__ import annotations

@@ -314,7 +314,7 @@ class GPTScalar(nn.Module):
     """GPT-2 with a scalar head: a reward model, or a critic with per-token values.
 
     forward() gives a value at every position (B, T); score() reads the value at the last
-    real token of each row, so padding never enters a reward (DESIGN.md detail 8)."""
+    real token of each row, so padding never enters a reward (the older GPT-2 RLHF code averaged over padding; TRL issues #1893, #3750)."""
 
     kind = "scalar"
 
@@ -324,7 +324,7 @@ class GPTScalar(nn.Module):
         self.transformer = GPTBackbone(config)
         self.score = nn.Linear(config.n_embd, 1, bias=True)
         _init_weights(self, config.n_layer)
-        if zero_init_head:  # a critic that starts by predicting 0 (DESIGN.md detail 11)
+        if zero_init_head:  # a critic that starts by predicting 0 (lm-human-preferences' value head)
             nn.init.zeros_(self.score.weight)
         else:  # lm-human-preferences' reward head: std 1/sqrt(n_embd + 1)
             nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(config.n_embd + 1))

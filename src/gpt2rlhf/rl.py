@@ -18,7 +18,8 @@ import torch.nn.functional as F
 def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, eos_token_id: int | None = None,
                       min_new_tokens: int = 0) -> torch.Tensor:
     """log-probabilities of the distribution each response token was sampled from
-    (DESIGN.md details 9 and 13): logits / temperature, and EOS impossible at the response
+    (lm-human-preferences divides by the temperature; masking EOS
+    as sampling did is issue 11): logits / temperature, and EOS impossible at the response
     positions t < min_new_tokens, where generation forbade it. Scoring the unmasked
     logits instead biases every log-prob and the KL between two models whose EOS logits
     differ (issue 11). logits (B, T, V) over the response positions, column t predicting

@@ -143,7 +143,7 @@ def response_logprobs(model, r: Rollouts, p: PPOArgs, with_entropy: bool = False
     Position Tq-1+t predicts response token t, so only those hidden states go through the
     LM head, which runs in fp32 (model.fp32_logits). The distribution is the one the
     tokens were sampled from: logits / temperature, EOS impossible before min_new_tokens
-    (DESIGN.md details 9 and 13). The entropy builds an autograd graph only when it is in
+    (as rl.sampling_logprobs says). The entropy builds an autograd graph only when it is in
     the loss (ppo.entropy_coef > 0): otherwise it is a statistic, computed without one."""
     ids, mask = r.sequences()
     hidden = model.transformer(ids, attention_mask=mask)[:, r.query.size(1) - 1: -1]  # (B, Tr, C)
@@ -309,7 +309,7 @@ def load_models(cfg: PPOConfig, run: Run, sources: dict):
         reward.requires_grad_(False)
     for m in (actor, critic, reference, reward):
         if m is not None:
-            set_dropout(m, 0.0).eval()  # DESIGN.md detail 9
+            set_dropout(m, 0.0).eval()  # no dropout in any PPO model (lm-human-preferences)
     vocabs = {name: m.config.vocab_size for name, m in (("actor", actor), ("critic", critic), ("reward model", reward))
               if m is not None}
     if len(set(vocabs.values())) > 1:
@@ -375,7 +375,7 @@ def train(cfg: PPOConfig, resume: str | Path | None = None,
     else:
         gain, bias = 1.0, 0.0
     if run.checkpoint is None and sources["reward"] is not None and sources["reward"] == sources["critic"]:
-        fold_normalisation(critic, gain, bias)  # DESIGN.md detail 14
+        fold_normalisation(critic, gain, bias)  # critic on the returns' scale (issue 11)
     start = resume_step(run, {"actor_": actor_stepper, "critic_": critic_stepper})
     run.tracker = tracker = Tracker(run.dir, t.max_steps, start)
     run.print(f"run folder: {run.dir}\ndevice {run.device}, {str(run.dtype).replace('torch.', '')}; actor "

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..allocator import keep_freed_memory
 from ..checkpoint import (META_FILE, CheckpointError, clean_checkpoints, list_checkpoints, load_model,
                           load_trainer_state, prune_checkpoints, rng_state, save_checkpoint, set_rng_state,
                           step_dir, verify_checkpoint)
@@ -174,6 +175,8 @@ def open_run(cfg, stage: str, resume: str | Path | None = None) -> Run:
     place)."""
     device = pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # large CPU tensors without page faults (allocator.py)
     if resume is None:
         return Run(None, stage, cfg, device, dtype)
     run = Run(find_run(str(resume), stage, cfg), stage, cfg, device, dtype)
@@ -212,13 +215,16 @@ def build_model(args: ModelArgs, kind: str, lora: LoraConfig, seed: int, new_hea
 
 def make_optimizer(model: nn.Module, o: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; weight decay on weight matrices only, not on biases, layer norms or the
-    (tied) embeddings (nanoGPT's and most LLM recipes' grouping)."""
+    (tied) embeddings (nanoGPT's and most LLM recipes' grouping). The fused kernel on CPU
+    and CUDA (one pass over each parameter; on 2 CPU cores a step over a 7.2M-parameter
+    model takes 4 ms instead of the for-loop's 14)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 and not name.startswith(("transformer.wte", "transformer.wpe")) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def lr_factor(step: int, o: OptimArgs, max_steps: int) -> float:

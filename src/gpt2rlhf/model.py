@@ -284,7 +284,9 @@ class GPT(nn.Module):
         scores log-probs this way: under bf16 autocast the head's logits would be rounded
         to bf16 (8 bits of mantissa) before the softmax, adding noise to the ratio and KL."""
         with torch.autocast(x.device.type, enabled=False):
-            return self.lm_head(x.float())
+            # contiguous: a slice of positions would otherwise make matmul, without autograd,
+            # broadcast the head's weight over the batch (a bmm, slower than one mm on CPU)
+            return self.lm_head(x.float().contiguous())
 
     def untie_lm_head(self):
         """Give the LM head its own copy of the embedding matrix (needed to merge LoRA into it)."""

@@ -15,23 +15,38 @@ import torch
 import torch.nn.functional as F
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, eos_token_id: int | None = None,
-                      min_new_tokens: int = 0) -> torch.Tensor:
-    """log-probabilities of the distribution each response token was sampled from
-    (lm-human-preferences divides by the temperature; masking EOS
-    as sampling did is issue 11): logits / temperature, and EOS impossible at the response
-    positions t < min_new_tokens, where generation forbade it. Scoring the unmasked
-    logits instead biases every log-prob and the KL between two models whose EOS logits
-    differ (issue 11). logits (B, T, V) over the response positions, column t predicting
-    response token t -> (B, T, V) in fp32.
+def sampling_logits_(logits: torch.Tensor, temperature: float = 1.0, eos_token_id: int | None = None,
+                     min_new_tokens: int = 0) -> torch.Tensor:
+    """The logits of the distribution each response token was sampled from
+    (lm-human-preferences divides by the temperature; masking EOS as sampling did is
+    issue 11): logits / temperature, and EOS impossible at the response positions
+    t < min_new_tokens, where generation forbade it. Scoring the unmasked logits instead
+    biases every log-prob and the KL between two models whose EOS logits differ (issue 11).
+    logits (B, T, V) over the response positions, column t predicting response token t
+    -> (B, T, V) in fp32.
+
+    IN PLACE when `logits` is already fp32: give it a tensor nothing else reads (a fresh
+    LM-head output, as PPO does), or use sampling_logprobs. Autograd follows the in-place
+    ops (the LM head's backward does not need its output). On 2 CPU cores a copy of the
+    16 x 24 x 50,257 logits costs about as much as the softmax; at temperature 1 there is
+    no division at all (x / 1 is x exactly, so the result is the same).
 
     The forbidden logit is set to the lowest finite float, not -inf: the distribution is
     the same (its probability is exactly 0), and entropy and gradients stay finite."""
-    z = logits.float() / temperature
+    z = logits.float()
+    if temperature != 1.0:
+        z = z.div_(temperature)
     if eos_token_id is not None and min_new_tokens > 0:
-        forbid = torch.zeros(z.shape[-2:], dtype=torch.bool, device=z.device)  # (T, V)
-        forbid[:min_new_tokens, eos_token_id] = True
-        z = z.masked_fill(forbid, torch.finfo(z.dtype).min)
+        z[..., :min_new_tokens, eos_token_id] = torch.finfo(z.dtype).min
+    return z
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, eos_token_id: int | None = None,
+                      min_new_tokens: int = 0) -> torch.Tensor:
+    """log-probabilities of the distribution each response token was sampled from (see
+    sampling_logits_); `logits` is left as it is. (B, T, V) -> (B, T, V) in fp32."""
+    z = logits.float()
+    z = sampling_logits_(z.clone() if z is logits else z, temperature, eos_token_id, min_new_tokens)
     return F.log_softmax(z, dim=-1)
 
 

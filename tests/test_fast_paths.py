@@ -1,0 +1,148 @@
+"""Issue 14: the changes that made a PPO iteration faster on CPU compute what the slower
+code computed. Each fast path is checked against the plain one it replaced: exactly where
+the arithmetic is the same, within float rounding where it is not (fused AdamW)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ppo import SMALL, prompts
+from test_ppo_trust import phases, small_models, steppers
+
+from gpt2rlhf import allocator
+from gpt2rlhf.config import OptimArgs, PPOArgs
+from gpt2rlhf.model import GPT, GPTConfig
+from gpt2rlhf.rl import entropy_from_logprobs, masked_mean, sampling_logits_, sampling_logprobs
+from gpt2rlhf.stages import ppo
+from gpt2rlhf.stages.common import make_optimizer
+
+V = 300
+
+
+def plain_sampling_logprobs(logits, temperature, eos, min_new):
+    """The code before issue 14: a division even at temperature 1, and masked_fill's copy."""
+    z = logits.float() / temperature
+    if eos is not None and min_new > 0:
+        forbid = torch.zeros(z.shape[-2:], dtype=torch.bool)
+        forbid[:min_new, eos] = True
+        z = z.masked_fill(forbid, torch.finfo(z.dtype).min)
+    return F.log_softmax(z, dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("eos,min_new", [(None, 0), (V - 1, 3), (5, 6)])
+def test_in_place_sampling_logits_give_the_same_logprobs_and_gradients(temperature, eos, min_new):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, V, bias=False)
+    hidden = torch.randn(4, 6, 16)
+    tokens = torch.randint(0, V, (4, 6))
+    weights = torch.randn(4, 6)
+    results = []
+    for fast in (False, True):
+        head.zero_grad()
+        logits = head(hidden)
+        logp = (F.log_softmax(sampling_logits_(logits, temperature, eos, min_new), -1) if fast
+                else plain_sampling_logprobs(logits, temperature, eos, min_new))
+        lp = logp.gather(-1, tokens[..., None]).squeeze(-1)
+        (lp * weights).sum().backward()
+        results.append((lp.detach(), entropy_from_logprobs(logp).detach(), head.weight.grad.clone()))
+    for plain, fast in zip(*results):
+        assert torch.equal(plain, fast)
+    if eos is not None:  # the forbidden logit got no gradient through its column at t < min_new
+        assert torch.isfinite(results[1][1]).all()
+
+
+def test_sampling_logprobs_leaves_its_input_alone_and_the_in_place_one_does_not():
+    logits = torch.randn(2, 5, V)
+    before = logits.clone()
+    sampling_logprobs(logits, 1.0, V - 1, 3)
+    sampling_logprobs(logits, 0.5, V - 1, 3)
+    assert torch.equal(logits, before)
+    out = sampling_logits_(logits, 1.0, V - 1, 3)
+    assert out.data_ptr() == logits.data_ptr()  # in place, as documented: no copy of B x T x V
+    assert (logits[:, :3, V - 1] == torch.finfo(torch.float32).min).all()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_lm_head_on_a_slice_of_positions_equals_it_on_a_copy(grad):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
+    hidden = torch.randn(4, 12, 16, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        sliced = model.fp32_logits(hidden[:, 3:-1])
+        copied = model.fp32_logits(hidden[:, 3:-1].clone())
+    assert torch.equal(sliced, copied)
+
+
+def test_the_entropy_is_logged_once_per_iteration_from_the_rollout_policy(tmp_path):
+    """policy/entropy is the mean per-token entropy of the policy the rollouts came from,
+    taken while scoring; the update computes an entropy only when it trains on it."""
+    actor, critic = small_models()
+    p = PPOArgs(max_new_tokens=6, mini_batch_size=8, ppo_epochs=1)
+    r, _ = phases(actor, critic, p)
+    with torch.no_grad():
+        r2, ref, stats = ppo.logprobs_and_values(r, actor, None, critic, p)
+        ids, mask = r.sequences()
+        logp = F.log_softmax(actor.lm_head(actor.transformer(ids, attention_mask=mask)[:, r.query.size(1) - 1:-1]), -1)
+    expected = masked_mean(entropy_from_logprobs(logp), r.response_mask)
+    assert stats["policy/entropy"] == pytest.approx(float(expected), abs=1e-5)
+    assert torch.equal(r2.logprobs, ref)  # the actor is its own reference before any update
+    for coef in (0.0, 0.01):
+        a, c = steppers(actor, critic, tmp_path)
+        out = ppo.ppo_update(actor, critic, r2, PPOArgs(**{**vars(p), "entropy_coef": coef}), a, c, 8)
+        assert ("loss/entropy" in out) == (coef > 0)
+        assert "policy/entropy" not in out
+
+
+def test_a_ppo_run_logs_the_rollout_entropy(tmp_path):
+    from test_ppo import scalars, small_cfg
+
+    run_dir = ppo.train(small_cfg(tmp_path, "--train.max_steps", "2"), prompts=prompts())
+    entropy = scalars(run_dir, "policy/entropy")
+    assert len(entropy) == 2 and all(0 < h <= torch.log(torch.tensor(float(SMALL.vocab_size))) for h in entropy)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_for_loop():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
+    twin = GPT(model.config)
+    twin.load_state_dict(model.state_dict())
+    fused = make_optimizer(model, OptimArgs(lr=1e-2), torch.device("cpu"))
+    assert fused.defaults["fused"] is True
+    loop = make_optimizer(twin, OptimArgs(lr=1e-2), torch.device("meta"))  # neither cpu nor cuda: not fused
+    assert not loop.defaults["fused"]
+    x = torch.randint(0, V, (2, 8))
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, loop)):
+            m(x).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    # rounding only: after 3 steps of up to lr = 1e-2 each, within a thousandth of one step
+    # (measured: 5.7e-6 at most, on a parameter whose second moment is near Adam's eps)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert float((a - b).abs().max()) < 1e-5
+
+
+def test_keep_freed_memory_once_per_process_and_opt_out():
+    code = "from gpt2rlhf import allocator; print(allocator.keep_freed_memory(), allocator.keep_freed_memory())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    on_glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    assert out.split() == [str(on_glibc)] * 2
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "GPT2RLHF_MALLOC": "default"}).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_a_cpu_run_keeps_freed_memory(tmp_path, monkeypatch):
+    from gpt2rlhf.stages.common import open_run
+    from test_ppo import small_cfg
+
+    calls = []
+    monkeypatch.setattr("gpt2rlhf.stages.common.keep_freed_memory", lambda: calls.append(1))
+    open_run(small_cfg(tmp_path), "ppo")
+    assert calls == [1]
+    assert callable(allocator.keep_freed_memory)

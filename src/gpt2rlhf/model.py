@@ -284,8 +284,9 @@ class GPT(nn.Module):
         scores log-probs this way: under bf16 autocast the head's logits would be rounded
         to bf16 (8 bits of mantissa) before the softmax, adding noise to the ratio and KL."""
         with torch.autocast(x.device.type, enabled=False):
-            # contiguous: a slice of positions would otherwise make matmul, without autograd,
-            # broadcast the head's weight over the batch (a bmm, slower than one mm on CPU)
+            # contiguous: on a slice of positions, matmul folds (B, T) into one mm only when the
+            # weight needs a gradient; a frozen head (the reference, a LoRA actor's, evaluation)
+            # got a bmm over the weight broadcast to every row, slower on CPU
             return self.lm_head(x.float().contiguous())
 
     def untie_lm_head(self):

@@ -311,7 +311,10 @@ class Stepper:
                 "scaler": self.scaler.state_dict(), "bad_in_row": self.bad_in_row, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict):
+        fused = [g.get("fused") for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for g, f in zip(self.optimizer.param_groups, fused):  # the kernel this device runs, not the saver's
+            g["fused"] = f
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.bad_in_row, self.skipped = state["bad_in_row"], state["skipped"]

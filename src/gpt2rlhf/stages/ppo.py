@@ -5,14 +5,15 @@
                     callable on the texts); optional missing-EOS penalty, normalisation, clip
     3. logprobs     of the sampled tokens under actor and reference, from the distribution
                     they were sampled from (logits / temperature, EOS masked before
-                    min_new_tokens), in fp32, forward_batch_size rows at a time
+                    min_new_tokens), in fp32, forward_batch_size rows at a time; the
+                    rollout policy's entropy (objective/entropy)
     4. advantages   per-token KL penalty + score on the last token, critic values, GAE,
                     advantages whitened over valid tokens
     5. update       ppo_epochs passes over shuffled minibatches: clipped policy loss for the
                     actor, clipped value loss for the critic, each through the shared Stepper
                     (micro-batches weighted by their tokens); optional early stop on approxkl
     6. log          scores, total reward, KL (k1 and k3), beta, losses, clipfrac, approxkl,
-                    ratios, entropy, explained variance, advantage/return statistics,
+                    ratios, entropies, explained variance, advantage/return statistics,
                     lengths, time per phase
 
 The reference policy is the actor with its LoRA adapters switched off (no second copy),
@@ -184,6 +185,7 @@ def response_logprobs(model, r: Rollouts, p: PPOArgs, with_entropy: bool = False
     hidden = model.transformer(ids, attention_mask=mask)[:, r.query.size(1) - 1: -1]  # (B, Tr, C)
     logits = sampling_logits_(model.fp32_logits(hidden), p.temperature, eos_id(model), p.min_new_tokens)
     logp = F.log_softmax(logits, dim=-1)  # (B, Tr, V)
+    del logits  # log_softmax saves its output, not its input: one B x Tr x V tensor fewer at the peak
     logprobs = logp.gather(-1, r.response[..., None]).squeeze(-1)
     if not with_entropy:
         return logprobs, None
@@ -200,11 +202,13 @@ def response_values(critic, r: Rollouts) -> torch.Tensor:
 @torch.no_grad()
 def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs) -> tuple[Rollouts, torch.Tensor, dict]:
     """(the rollouts with the actor's log-probs and the critic's values filled in, the
-    reference's log-probs (B, Tr), {"policy/entropy": the mean entropy per response token
-    of the policy the rollouts were sampled from}); reference None means the actor with its
-    LoRA adapters off. ppo.forward_batch_size rows per forward pass. The entropy is taken
-    here, once per iteration from logits already computed, rather than in every
-    minibatch of the update, where it cost a tenth of the update on CPU."""
+    reference's log-probs (B, Tr), {"objective/entropy": the mean entropy per response
+    token of the policy the rollouts were sampled from}); reference None means the actor
+    with its LoRA adapters off. ppo.forward_batch_size rows per forward pass. The entropy
+    is taken here, once per iteration from logits already computed (TRL logs the same
+    rollout quantity as objective/entropy), not in every minibatch of the update, where it
+    cost a tenth of the update on CPU; policy/entropy, the update's, is logged when it is in
+    the loss (ppo.entropy_coef > 0)."""
     def reference_logprobs(c: Rollouts) -> torch.Tensor:
         with adapters_disabled(actor) if reference is None else nullcontext():
             return response_logprobs(actor if reference is None else reference, c, p)[0]
@@ -215,7 +219,7 @@ def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs) -> tu
     logprobs, entropy = torch.cat([lp for lp, _ in chunks]), torch.cat([h for _, h in chunks])
     ref_logprobs = in_chunks(reference_logprobs, r, size)
     values = in_chunks(lambda c: response_values(critic, c), r, size)
-    stats = {"policy/entropy": float(masked_mean(entropy, r.response_mask))}
+    stats = {"objective/entropy": float(masked_mean(entropy, r.response_mask))}
     return dataclasses.replace(r, logprobs=logprobs, values=values), ref_logprobs, stats
 
 
@@ -254,7 +258,7 @@ def advantages(r: Rollouts, score, ref_logprobs, beta: float, p: PPOArgs) -> tup
 def policy_loss(actor, mb: Rollouts, p: PPOArgs):
     """The actor's loss on one micro-batch: clipped surrogate, minus the entropy bonus
     when ppo.entropy_coef > 0 (the entropy is then computed here, with its gradient, and
-    logged as loss/entropy)."""
+    logged as policy/entropy; at 0 only the rollout's objective/entropy is logged)."""
     logprobs, entropy = response_logprobs(actor, mb, p, with_entropy=p.entropy_coef > 0)
     pg_loss, s = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, p.clip_range)
     if entropy is None:
@@ -271,7 +275,7 @@ def value_loss(critic, mb: Rollouts, p: PPOArgs):
 
 
 UPDATE_TAGS = {"loss/policy": ("a", "loss"), "loss/value": ("c", "vf_loss"), "policy/clipfrac": ("a", "clipfrac"),
-               "policy/approxkl": ("a", "approxkl"), "loss/entropy": ("a", "entropy"),
+               "policy/approxkl": ("a", "approxkl"), "policy/entropy": ("a", "entropy"),
                "policy/ratio_mean": ("a", "ratio_mean"), "policy/ratio_max": ("a", "ratio_max"),
                "policy/ratio_outside_clip": ("a", "ratio_outside_clip"), "val/vf_clipfrac": ("c", "vf_clipfrac"),
                "optim/actor_grad_norm": ("a", "grad_norm"), "optim/critic_grad_norm": ("c", "grad_norm")}
@@ -304,8 +308,9 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
             updates += 1
             for tag, (side, key) in UPDATE_TAGS.items():
                 out = a if side == "a" else c
-                if not out["skipped"] and key in out:
-                    stats.setdefault(tag, []).append(out[key])
+                if out["skipped"] or (tag == "policy/entropy" and p.entropy_coef == 0):  # not computed at 0
+                    continue
+                stats.setdefault(tag, []).append(out[key])
             if not a["skipped"]:
                 epoch_kl.append(a["approxkl"])
         # early stop between epochs, so every minibatch gets the same number of passes

@@ -32,7 +32,8 @@ from gpt2rlhf.config import PPOConfig, load_config  # noqa: E402
 from gpt2rlhf.model import GPT, PRESETS, GPTConfig, GPTScalar  # noqa: E402
 from gpt2rlhf.stages import ppo  # noqa: E402
 
-SIZES = {"gpt2-medium": PRESETS["gpt2-medium"], "gpt2": PRESETS["gpt2"], "tiny": dict(n_layer=2, n_head=2, n_embd=64)}
+SIZES = {"gpt2-xl": PRESETS["gpt2-xl"], "gpt2-medium": PRESETS["gpt2-medium"], "gpt2": PRESETS["gpt2"],
+         "tiny": dict(n_layer=2, n_head=2, n_embd=64)}
 
 
 def main():

@@ -16,9 +16,9 @@ is scripts/ppo_bench_task.py (positive minus negative review words in the respon
 Where the two libraries differ (no setting makes them equal): TRL's value head shares
 the actor's backbone (one loss, vf_coef 0.1, one optimizer) where our critic is a
 separate copy of the SFT model with a new head and its own optimizer at the same lr;
-TRL strips the EOS from its responses (pad = EOS) where ours keeps it as the last token
-scored; TRL's log-probs ignore that EOS was forbidden before 16 tokens, ours use the
-distribution sampled from (issue 11).
+TRL's value head applies dropout 0.1 while training (its default; the exported model has
+none, like ours); TRL's log-probs ignore that EOS was forbidden before 16 tokens, ours
+use the distribution sampled from (issue 11).
 
 Each side runs in its own process (ours in this interpreter, TRL in --trl-python),
 one after the other and alternating which goes first per seed, with the same number of

@@ -102,7 +102,8 @@ def test_the_entropy_is_logged_once_per_iteration_from_the_rollout_policy(tmp_pa
     p = PPOArgs(max_new_tokens=6, mini_batch_size=8, ppo_epochs=1)
     r, _ = phases(actor, critic, p)
     with torch.no_grad():
-        r2, ref, stats = ppo.logprobs_and_values(r, actor, None, critic, p)
+        r2, stats = ppo.logprobs_and_values(r, actor, None, critic, p)
+        ref = r2.ref_logprobs
         ids, mask = r.sequences()
         logp = F.log_softmax(actor.lm_head(actor.transformer(ids, attention_mask=mask)[:, r.query.size(1) - 1:-1]), -1)
     expected = masked_mean(entropy_from_logprobs(logp), r.response_mask)

@@ -386,8 +386,10 @@ class PPOConfig:
     actor: ModelArgs = field(default_factory=lambda: ModelArgs(preset="gpt2"))
     critic: ModelArgs = field(default_factory=lambda: ModelArgs(preset="gpt2"))
     reward: str | None = None
-    """The frozen reward model (a reward-model checkpoint or run folder, or a Hugging Face
-    folder with a score head); None: the critic's pretrain."""
+    """The reward: a frozen reward model (a reward-model checkpoint or run folder, or a
+    Hugging Face folder with a score head), or a Python function of the response texts,
+    module:function or path/to/file.py:function (list[str] -> list[float]; see
+    gpt2rlhf/rewards.py); None: the critic's pretrain."""
     critic_new_head: bool = False
     """Start the critic from a language model (critic.pretrain an SFT checkpoint or a
     Hugging Face GPT-2) with a new value head. Off: critic.pretrain must be a reward model

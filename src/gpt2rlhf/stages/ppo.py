@@ -39,12 +39,13 @@ import torch.nn.functional as F
 from ..checkpoint import CheckpointError
 from ..loading import load, load_reward_model
 from ..runs import is_run_folder, resolve_run
-from ..config import ConfigError, PPOArgs, PPOConfig, resolve_input
+from ..config import ConfigError, PPOArgs, PPOConfig, load_config, resolve_input
 from ..data import BatchStream, left_pad, prompt_examples, train_eval_records
 from ..generation import generate
 from ..lora import adapters_disabled
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..model import set_dropout
+from ..rewards import RewardFunction, is_reward_spec, load_reward_function
 from ..rl import (AdaptiveKLController, FixedKLController, entropy_from_logprobs, explained_variance, gae,
                   kl_estimators, masked_mean, masked_whiten, per_token_rewards, reward_normalisation,
                   sampling_logits_)
@@ -55,7 +56,14 @@ from .common import (RewardError, Run, Stepper, build_model, cli, is_due, open_r
 
 @dataclass
 class Rollouts:
-    """One iteration's experience; (B, Tq) prompts, (B, Tr) responses and per-token data."""
+    """One iteration's experience: (B, Tq) prompts, (B, Tr) responses, (B,) scores and
+    (B, Tr) per-token data, filled in phase by phase (None until its phase has run):
+    rollout: query, query_mask (1 on real prompt tokens, left-padded), response,
+        response_mask (1 on real response tokens up to and including EOS);
+    score: raw_score (the reward model's or function's), score (normalised, shaped);
+    logprobs and values: logprobs (actor), ref_logprobs (reference), values (critic);
+    advantages: kl (log pi - log pi_ref per token), rewards (-beta * kl, plus the score on
+        the last real token), advantages (GAE, whitened), returns (GAE advantages + values)."""
 
     query: torch.Tensor
     query_mask: torch.Tensor
@@ -65,6 +73,11 @@ class Rollouts:
     values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    raw_score: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt + response ids and mask: [pad.. prompt | response ..pad]."""
@@ -108,17 +121,30 @@ def model_reward(reward_model, forward_batch_size: int = 16) -> Callable[[Rollou
     return score
 
 
-def callable_reward(fn: Callable[[list[str]], list[float]], enc) -> Callable[[Rollouts], torch.Tensor]:
-    """Scores from a Python function of the response texts; its answer is checked."""
+def callable_reward(fn: Callable, enc, name: str | None = None) -> Callable[[Rollouts], torch.Tensor]:
+    """Scores from a Python function of the response texts (and of the prompt texts, when
+    it takes them: rewards.RewardFunction); its answer is checked, and every error names it."""
+    if not isinstance(fn, RewardFunction):
+        fn = RewardFunction(fn, name or getattr(fn, "__qualname__", repr(fn)))
+
     def score(r: Rollouts) -> torch.Tensor:
         texts = [response_text(enc, row, mask) for row, mask in zip(r.response, r.response_mask)]
-        values = list(fn(texts))
+        prompts = ([enc.decode(q[m.bool()].tolist()) for q, m in zip(r.query, r.query_mask)]
+                   if fn.with_prompts else None)
+        try:
+            values = list(fn(texts, prompts))
+        except Exception as e:  # the user's code: its error, in one line that names it
+            raise RewardError(f"reward {fn.name} raised {type(e).__name__}: {e}") from e
         if len(values) != len(texts):
-            raise RewardError(f"the reward function returned {len(values)} scores for {len(texts)} responses")
-        scores = torch.tensor([float(v) for v in values], device=r.response.device)
+            raise RewardError(f"reward {fn.name} returned {len(values)} scores for {len(texts)} responses")
+        try:
+            scores = torch.tensor([float(v) for v in values], device=r.response.device)
+        except (TypeError, ValueError) as e:
+            raise RewardError(f"reward {fn.name} returned something that is not a number ({e}): "
+                              f"{values[:3]!r}") from None
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
-            raise RewardError(f"the reward function returned non-finite scores for responses {bad[:5]}: "
+            raise RewardError(f"reward {fn.name} returned non-finite scores for responses {bad[:5]}: "
                               f"e.g. {texts[bad[0]]!r} -> {values[bad[0]]}")
         return scores
     return score
@@ -200,15 +226,15 @@ def response_values(critic, r: Rollouts) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs) -> tuple[Rollouts, torch.Tensor, dict]:
-    """(the rollouts with the actor's log-probs and the critic's values filled in, the
-    reference's log-probs (B, Tr), {"objective/entropy": the mean entropy per response
-    token of the policy the rollouts were sampled from}); reference None means the actor
-    with its LoRA adapters off. ppo.forward_batch_size rows per forward pass. The entropy
-    is taken here, once per iteration from logits already computed (TRL logs the same
-    rollout quantity as objective/entropy), not in every minibatch of the update, where it
-    cost a tenth of the update on CPU; policy/entropy, the update's, is logged when it is in
-    the loss (ppo.entropy_coef > 0)."""
+def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs) -> tuple[Rollouts, dict]:
+    """(the rollouts with the actor's log-probs, the reference's log-probs and the critic's
+    values filled in, {"objective/entropy": the mean entropy per response token of the
+    policy the rollouts were sampled from}); reference None means the actor with its LoRA
+    adapters off. ppo.forward_batch_size rows per forward pass. The entropy is taken here,
+    once per iteration from logits already computed (TRL logs the same rollout quantity as
+    objective/entropy), not in every minibatch of the update, where it cost a tenth of the
+    update on CPU; policy/entropy, the update's, is logged when it is in the loss
+    (ppo.entropy_coef > 0)."""
     def reference_logprobs(c: Rollouts) -> torch.Tensor:
         with adapters_disabled(actor) if reference is None else nullcontext():
             return response_logprobs(actor if reference is None else reference, c, p)[0]
@@ -220,7 +246,15 @@ def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs) -> tu
     ref_logprobs = in_chunks(reference_logprobs, r, size)
     values = in_chunks(lambda c: response_values(critic, c), r, size)
     stats = {"objective/entropy": float(masked_mean(entropy, r.response_mask))}
-    return dataclasses.replace(r, logprobs=logprobs, values=values), ref_logprobs, stats
+    return dataclasses.replace(r, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values), stats
+
+
+@torch.no_grad()
+def ratios(actor, r: Rollouts, p: PPOArgs) -> torch.Tensor:
+    """pi_now(token) / pi_rollout(token) for every response token (0 on padding): exactly 1
+    before any update; after the update, how far it moved each token's probability."""
+    logprobs = in_chunks(lambda c: response_logprobs(actor, c, p)[0], r, p.forward_batch_size)
+    return torch.exp(logprobs - r.logprobs) * r.response_mask
 
 
 def fold_normalisation(critic, gain: float, bias: float):
@@ -238,19 +272,21 @@ def fold_normalisation(critic, gain: float, bias: float):
 
 def advantages(r: Rollouts, score, ref_logprobs, beta: float, p: PPOArgs) -> tuple[Rollouts, dict]:
     """Per-token rewards (KL penalty, score at the end), GAE, whitened advantages: the
-    rollouts with advantages and returns filled in, and the phase's statistics."""
+    rollouts with score, ref_logprobs, kl, rewards, advantages and returns filled in, and
+    the phase's statistics."""
     mask = r.response_mask.float()
     rewards, kl = per_token_rewards(score, r.logprobs, ref_logprobs, mask, beta)
     total = rewards.sum(1)  # score - beta * KL per response, before any whitening
-    if p.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    adv, returns = gae(rewards, r.values, mask, p.gamma, p.lam)
+    gae_rewards = masked_whiten(rewards, mask, shift_mean=False) if p.whiten_rewards else rewards
+    adv, returns = gae(gae_rewards, r.values, mask, p.gamma, p.lam)
     k1, k3 = kl_estimators(r.logprobs * mask, ref_logprobs * mask)  # padding out before expm1 (k3 overflows)
-    return dataclasses.replace(r, advantages=masked_whiten(adv, mask), returns=returns), {"objective/kl": float((k1 * mask).sum(1).mean()), "objective/kl_k3": float((k3 * mask).sum(1).mean()),
-            "objective/reward": float(total.mean()), "val/advantage_mean": float(masked_mean(adv, mask)),
-            "val/advantage_std": float(masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt()),
-            "val/return_mean": float(masked_mean(returns, mask)), "val/value_mean": float(masked_mean(r.values, mask)),
-            "val/explained_variance": explained_variance(r.values, returns, mask)}
+    r = dataclasses.replace(r, score=score, ref_logprobs=ref_logprobs, kl=kl, rewards=rewards,
+                            advantages=masked_whiten(adv, mask), returns=returns)
+    return r, {"objective/kl": float((k1 * mask).sum(1).mean()), "objective/kl_k3": float((k3 * mask).sum(1).mean()),
+               "objective/reward": float(total.mean()), "val/advantage_mean": float(masked_mean(adv, mask)),
+               "val/advantage_std": float(masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt()),
+               "val/return_mean": float(masked_mean(returns, mask)), "val/value_mean": float(masked_mean(r.values, mask)),
+               "val/explained_variance": explained_variance(r.values, returns, mask)}
 
 
 # ------------------------------------------------------------------ 5. update
@@ -324,17 +360,16 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
 
 # ------------------------------------------------------------------ 6. log
 
-def iteration_stats(r: Rollouts, raw, score, beta: float, times: list[float]) -> dict:
+def iteration_stats(r: Rollouts, beta: float, seconds: dict[str, float]) -> dict:
     """The rollout side of an iteration's scalars (the update adds its own): scores,
     beta, lengths, the share without EOS, and the time of each phase."""
-    t0, t1, t2, t3 = times
-    return {"objective/raw_score": float(raw.mean()), "objective/score": float(score.mean()),
+    return {"objective/raw_score": float(r.raw_score.mean()), "objective/score": float(r.score.mean()),
             "objective/kl_coef": beta, "objective/response_length": float(r.response_mask.sum(1).float().mean()),
             "objective/no_eos_share": float((~has_eos(r)).float().mean()),
-            "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0}
+            **{f"time/{k}": v for k, v in seconds.items()}, "time/iteration": sum(seconds.values())}
 
 
-def samples_text(done: int, r: Rollouts, raw, logs: dict, enc, n: int = 3) -> str:
+def samples_text(done: int, r: Rollouts, logs: dict, enc, n: int = 3) -> str:
     """A few prompt -> response pairs with their raw scores, for the console and log.txt."""
     lines = [f"iteration {done}: raw score {logs['objective/raw_score']:.4f}, kl {logs['objective/kl']:.3f}, "
              f"beta {logs['objective/kl_coef']:.4f}, generation {logs['time/generation']:.1f}s, "
@@ -342,8 +377,30 @@ def samples_text(done: int, r: Rollouts, raw, logs: dict, enc, n: int = 3) -> st
     for i in range(min(n, r.query.size(0))):
         q = enc.decode(r.query[i][r.query_mask[i].bool()].tolist())
         a = response_text(enc, r.response[i], r.response_mask[i])
-        lines.append(f"  [{float(raw[i]):+.3f}] {q!r} -> {a!r}")
+        lines.append(f"  [{float(r.raw_score[i]):+.3f}] {q!r} -> {a!r}")
     return "\n".join(lines)
+
+
+INSPECT_ROWS = 8  # rollouts saved per sampled iteration for the per-token inspector
+PER_TOKEN = ("logprobs", "ref_logprobs", "kl", "values", "rewards", "advantages", "returns", "ratio")
+
+
+def rollout_record(done: int, r: Rollouts, ratio: torch.Tensor, logs: dict, enc) -> dict:
+    """What the inspector (src/inspect_rollouts.py) reads of one iteration: the first rows
+    of its rollouts, their tokens as text, every per-token quantity on the response tokens
+    (padding cut off), the scores and the iteration's scalars. Plain tensors, lists and
+    numbers: torch.load(..., weights_only=True) reads it."""
+    rows = []
+    for i in range(min(INSPECT_ROWS, r.query.size(0))):
+        n = int(r.response_mask[i].sum())
+        q = r.query[i][r.query_mask[i].bool()].tolist()
+        ids = r.response[i, :n].tolist()
+        per_token = {"ratio": ratio[i, :n]}
+        per_token.update({k: getattr(r, k)[i, :n] for k in PER_TOKEN if k != "ratio"})
+        rows.append({"prompt_ids": q, "prompt": enc.decode(q), "response_ids": ids,
+                     "tokens": [enc.decode([t]) for t in ids], "raw_score": float(r.raw_score[i]),
+                     "score": float(r.score[i]), **{k: v.detach().float().cpu().clone() for k, v in per_token.items()}})
+    return {"iteration": done, "rows": rows, "scalars": {k: float(v) for k, v in logs.items()}}
 
 
 # ------------------------------------------------------------------ the stage
@@ -362,24 +419,36 @@ def pin(source: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else source
 
 
-def model_sources(cfg: PPOConfig, run: Run, with_reward_model: bool) -> dict:
-    """{"actor", "critic", "reward"}: the checkpoints this run starts from, resolved once when
-    it starts and pinned in its state. A resumed run takes them from there, so its reference
-    and reward model are exactly those it started with, even if the SFT or RM run folder it
-    named has moved on to a newer checkpoint since."""
+def pin_reward_spec(spec: str) -> str:
+    """A reward function's file.py:function with the file's absolute path (a module name stays)."""
+    target, _, name = spec.rpartition(":")
+    path = Path(resolve_input(target))
+    return f"{path.resolve()}:{name}" if target.endswith(".py") and path.is_file() else spec
+
+
+def model_sources(cfg: PPOConfig, run: Run, function_given: bool = False) -> dict:
+    """{"actor", "critic", "reward", "reward_fn"}: the checkpoints this run starts from (and
+    the reward function cfg.reward names, if it names one), resolved once when it starts
+    and pinned in its state. A resumed run takes them from there, so its reference and
+    reward are exactly those it started with, even if the SFT or RM run folder it named has
+    moved on to a newer checkpoint since. `function_given`: the reward is a Python function
+    passed in (train(reward_fn=...)), so neither is pinned."""
     if not cfg.actor.pretrain or not cfg.critic.pretrain:
         raise ConfigError("ppo needs -a/--actor (an SFT checkpoint) and -c/--critic (a reward-model checkpoint)")
     if run.checkpoint is not None and "sources" in run.state:
         sources = run.state["sources"]
         for name, src in sources.items():
-            if src is not None and Path(src).is_absolute() and not Path(src).exists():
-                raise ConfigError(f"--resume: this run started from the {name} checkpoint {src}, which is gone; "
+            path = Path(src.rpartition(":")[0] if name == "reward_fn" and src else src or "")
+            if src is not None and path.is_absolute() and not path.exists():
+                raise ConfigError(f"--resume: this run started from the {name} {path}, which is gone; "
                                   f"restore it to resume (a different {name} would change the run)")
         return sources
     if run.checkpoint is not None:  # a run from before sources were pinned
         run.print("note: this checkpoint does not pin its reference and reward model; resolving them again")
+    spec = not function_given and is_reward_spec(cfg.reward)
     return {"actor": pin(cfg.actor.pretrain), "critic": pin(cfg.critic.pretrain),
-            "reward": pin(cfg.reward or cfg.critic.pretrain) if with_reward_model else None}
+            "reward": None if function_given or spec else pin(cfg.reward or cfg.critic.pretrain),
+            "reward_fn": pin_reward_spec(cfg.reward) if spec else None}
 
 
 def load_models(cfg: PPOConfig, run: Run, sources: dict):
@@ -418,89 +487,282 @@ def load_models(cfg: PPOConfig, run: Run, sources: dict):
     return actor, critic, reference, reward
 
 
-def train(cfg: PPOConfig, resume: str | Path | None = None,
-          reward_fn: Callable[[list[str]], list[float]] | None = None,
-          prompts: list[list[int]] | None = None) -> Path:
-    """Run PPO. `reward_fn` (texts -> scores) replaces the reward model; `prompts` (token
-    ids) replace the prompt dataset: both for programmatic tasks and tests."""
-    run = open_run(cfg, "ppo", resume)
-    p, t = cfg.ppo, cfg.train
-    enc = get_tokenizer()
+class PPOLab:
+    """PPO one phase at a time: the object `train()` drives, for a notebook or a debugger.
 
-    sources = model_sources(cfg, run, with_reward_model=reward_fn is None)
-    actor, critic, reference, reward_model = load_models(cfg, run, sources)
-    score_fn = model_reward(reward_model, p.forward_batch_size) if reward_fn is None else callable_reward(reward_fn, enc)
-    if actor.config.block_size < cfg.prompts.max_tokens + p.max_new_tokens:
-        raise ConfigError(f"prompts.max_tokens + ppo.max_new_tokens ({cfg.prompts.max_tokens} + {p.max_new_tokens}) "
-                          f"exceed the actor's context ({actor.config.block_size})")
-    if prompts is None:
-        records, _ = train_eval_records(cfg.data, t.seed)
-        prompts, stats = prompt_examples(records, cfg.data, cfg.prompts.min_tokens, cfg.prompts.max_tokens, enc,
-                                         "data.train", seed=t.seed)
-        run.print(stats.report(), log=run.checkpoint is None)
+        lab = PPOLab(cfg)                         # or PPOLab.from_checkpoints(actor, critic, reward)
+        lab.sample_prompts()                      # lab.query, lab.query_mask
+        lab.rollout()                             # lab.rollouts.response, .response_mask
+        lab.score()                               # .raw_score, .score
+        lab.logprobs_and_values()                 # .logprobs, .ref_logprobs, .values
+        lab.advantages()                          # .kl, .rewards, .advantages, .returns
+        lab.update()                              # ppo_epochs of clipped updates; lab.ratios() after it
+        lab.log()                                 # scalars, samples; the iteration is done
+        lab.save()                                # a checkpoint; PPOLab(cfg, resume=run folder) continues
 
-    micro = t.micro_batch_size or p.mini_batch_size
-    updates_per_iter = p.ppo_epochs * math.ceil(t.batch_size / p.mini_batch_size)
-    actor_stepper = Stepper(actor, run, cfg.optim, t, t.max_steps * updates_per_iter)
-    critic_stepper = Stepper(critic, run, cfg.critic_optim, t, t.max_steps * updates_per_iter)
-    steppers = {"actor_": actor_stepper, "critic_": critic_stepper}
-    kl_ctl = (AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
-              else FixedKLController(p.kl_coef))
-    stream = BatchStream(len(prompts), t.batch_size, t.seed)
+    `lab.step()` is those seven calls (the save when train.save_every says), and
+    `train()` is `lab.step()` until train.max_steps: a run driven by hand, call by call,
+    ends with the same weights as train_ppo.py with the same config and seed. Each
+    phase's tensors stay readable on `lab.rollouts` (see Rollouts) and its scalars in
+    `lab.logs` until the next iteration starts. `with lab:` (or lab.close()) closes the
+    TensorBoard writer; the run folder is made when the first iteration is logged."""
 
-    def batch_of(step: int, source: BatchStream = stream):
-        q, m = left_pad([prompts[i] for i in source.indices(step)], pad=eos_id(actor) or 0)
-        return q.to(run.device), m.to(run.device)
+    def __init__(self, cfg: PPOConfig, resume: str | Path | None = None,
+                 reward_fn: Callable | None = None, prompts: list[list[int]] | None = None):
+        """`reward_fn` (texts [, prompts] -> scores) replaces the reward model, as does
+        cfg.reward naming a function (module:function, file.py:function); `prompts`
+        (token ids) replace the prompt dataset."""
+        self.cfg = cfg
+        self.run = run = open_run(cfg, "ppo", resume)
+        p, t = self.p, self.t = cfg.ppo, cfg.train
+        self.enc = enc = get_tokenizer()
+        self.sources = sources = model_sources(cfg, run, function_given=reward_fn is not None)
+        if reward_fn is None and sources.get("reward_fn"):
+            reward_fn = load_reward_function(sources["reward_fn"])
+        self.actor, self.critic, self.reference, self.reward_model = load_models(cfg, run, sources)
+        self.score_fn = (model_reward(self.reward_model, p.forward_batch_size) if reward_fn is None
+                         else callable_reward(reward_fn, enc))
+        if self.actor.config.block_size < cfg.prompts.max_tokens + p.max_new_tokens:
+            raise ConfigError(f"prompts.max_tokens + ppo.max_new_tokens ({cfg.prompts.max_tokens} + "
+                              f"{p.max_new_tokens}) exceed the actor's context ({self.actor.config.block_size})")
+        if prompts is None:
+            records, _ = train_eval_records(cfg.data, t.seed)
+            prompts, stats = prompt_examples(records, cfg.data, cfg.prompts.min_tokens, cfg.prompts.max_tokens, enc,
+                                             "data.train", seed=t.seed)
+            run.print(stats.report(), log=run.checkpoint is None)
+        self.prompts = prompts
 
-    # reward normalisation: once, from the starting policy (a resumed run has it in its state),
-    # folded into the critic's head when the critic starts as that same reward model
-    if run.checkpoint is not None:
-        gain, bias = run.state["reward_gain"], run.state["reward_bias"]
-        kl_ctl.load_state_dict(run.state["kl_ctl"])
-    elif p.normalize_reward:
-        sampler = BatchStream(len(prompts), t.batch_size, t.seed + 1)
-        with run.autocast():
-            gain, bias, n, warning = normalisation(actor, score_fn, (batch_of(i, sampler) for i in range(
-                math.ceil(p.normalization_samples / t.batch_size))), p)
-        run.print(f"reward normalisation from {n} rollouts: gain {gain:.4f}, bias {bias:.4f}"
-                  + (f"\nwarning: {warning}" if warning else ""))
-    else:
-        gain, bias = 1.0, 0.0
-    if run.checkpoint is None and sources["reward"] is not None and sources["reward"] == sources["critic"]:
-        fold_normalisation(critic, gain, bias)  # critic on the returns' scale (issue 11)
-    start = resume_step(run, steppers)
-    header = (f"device {run.device}, {str(run.dtype).replace('torch.', '')}; actor "
-              f"{sum(q.numel() for q in actor_stepper.params):,} trainable, critic "
-              f"{sum(q.numel() for q in critic_stepper.params):,} trainable; iterations {start}..{t.max_steps}\n"
-              "starting from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v is not None))
-    with tracked(run, start, header) as tracker:
-        for it in range(start, t.max_steps):
-            done = it + 1
-            t0 = time.perf_counter()
+        self.micro_batch_size = t.micro_batch_size or p.mini_batch_size
+        updates_per_iter = p.ppo_epochs * math.ceil(t.batch_size / p.mini_batch_size)
+        self.actor_stepper = Stepper(self.actor, run, cfg.optim, t, t.max_steps * updates_per_iter)
+        self.critic_stepper = Stepper(self.critic, run, cfg.critic_optim, t, t.max_steps * updates_per_iter)
+        self.steppers = {"actor_": self.actor_stepper, "critic_": self.critic_stepper}
+        self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
+                       else FixedKLController(p.kl_coef))
+        self.stream = BatchStream(len(prompts), t.batch_size, t.seed)
+
+        # reward normalisation: once, from the starting policy (a resumed run has it in its
+        # state), folded into the critic's head when the critic starts as that same reward model
+        if run.checkpoint is not None:
+            self.gain, self.bias = run.state["reward_gain"], run.state["reward_bias"]
+            self.kl_ctl.load_state_dict(run.state["kl_ctl"])
+        elif p.normalize_reward:
+            sampler = BatchStream(len(prompts), t.batch_size, t.seed + 1)
             with run.autocast():
-                r = rollout(actor, *batch_of(it), p)                                           # 1. rollout
-            t1 = time.perf_counter()
-            with torch.no_grad(), run.autocast():
-                raw, scores = score(r, score_fn, p, gain, bias, it)                            # 2. score
-                r, ref_logprobs, entropy = logprobs_and_values(r, actor, reference, critic, p)  # 3. logprobs
-            beta = kl_ctl.value  # this iteration's KL coefficient: used, logged, then adapted
-            r, logs = advantages(r, scores, ref_logprobs, beta, p)                             # 4. advantages
-            logs.update(entropy)
-            t2 = time.perf_counter()
-            logs.update(ppo_update(actor, critic, r, p, actor_stepper, critic_stepper, micro))  # 5. update
-            t3 = time.perf_counter()
-            kl_ctl.update(logs["objective/kl"], t.batch_size)
-            logs.update(iteration_stats(r, raw, scores, beta, [t0, t1, t2, t3]),                # 6. log
-                        **{"optim/skipped_steps": actor_stepper.skipped + critic_stepper.skipped})
-            tracker.scalars(done, logs)
-            tracker.progress(1, score=logs["objective/raw_score"], kl=logs["objective/kl"])
-            if p.sample_every and (done % p.sample_every == 0 or done == 1):
-                run.print(samples_text(done, r, raw, logs, enc))
-            if is_due(done, t.save_every, t.max_steps):
-                save(run, done, {"actor": actor, "critic": critic}, steppers,
-                     {"kl_ctl": kl_ctl.state_dict(), "reward_gain": gain, "reward_bias": bias, "sources": sources,
-                      "data_position": stream.position(done)})
-    return run.dir
+                self.gain, self.bias, n, warning = normalisation(
+                    self.actor, self.score_fn, (self.batch_of(i, sampler) for i in range(
+                        math.ceil(p.normalization_samples / t.batch_size))), p)
+            run.print(f"reward normalisation from {n} rollouts: gain {self.gain:.4f}, bias {self.bias:.4f}"
+                      + (f"\nwarning: {warning}" if warning else ""))
+        else:
+            self.gain, self.bias = 1.0, 0.0
+        if run.checkpoint is None and sources["reward"] is not None and sources["reward"] == sources["critic"]:
+            fold_normalisation(self.critic, self.gain, self.bias)  # critic on the returns' scale (issue 11)
+        self.iteration = self.start = resume_step(run, self.steppers)  # iterations done
+        self.query = self.query_mask = self.rollouts = None
+        self.beta, self.logs, self.seconds = self.kl_ctl.value, {}, {}
+        self._tracking = None
+
+    @classmethod
+    def from_checkpoints(cls, actor: str, critic: str | None = None, reward: str | Callable | None = None, *,
+                         prompts: list[str] | list[list[int]] | None = None, config: str | None = None,
+                         overrides: dict | None = None, resume: str | Path | None = None) -> "PPOLab":
+        """A lab from an SFT checkpoint (`actor`), a critic (a reward-model checkpoint; None:
+        the actor with a new value head), and a reward: a reward-model checkpoint,
+        "module:function" / "file.py:function", or a Python function (None: the critic,
+        which must then be a reward model). `prompts`: texts or token ids (None: the
+        config's data.train). `config`: a YAML preset to start from; `overrides`:
+        {"ppo.max_new_tokens": 16, ...}, as the command line's --section.key value."""
+        args = ["-a", str(actor)]
+        args += ["-c", str(critic)] if critic is not None else ["-c", str(actor), "--critic_new_head", "true"]
+        if isinstance(reward, (str, Path)):
+            args += ["--reward", str(reward)]
+        for key, value in (overrides or {}).items():
+            args += [f"--{key}", "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)]
+        cfg = load_config(PPOConfig, config, args)
+        if prompts is not None and prompts and isinstance(prompts[0], str):
+            enc = get_tokenizer()
+            prompts = [enc.encode_ordinary(text) for text in prompts]
+        return cls(cfg, resume, reward_fn=None if isinstance(reward, (str, Path)) else reward, prompts=prompts)
+
+    # ---------------------------------------------------------------- the phases
+
+    def batch_of(self, step: int, source: BatchStream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The left-padded prompts (ids, mask) of iteration `step` (0-based) of a prompt stream."""
+        q, m = left_pad([self.prompts[i] for i in (source or self.stream).indices(step)],
+                        pad=eos_id(self.actor) or 0)
+        return q.to(self.run.device), m.to(self.run.device)
+
+    def sample_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """0. This iteration's batch of prompts (train.batch_size of them, each epoch of
+        the prompt set in a new seeded order): lab.query (B, Tq), lab.query_mask."""
+        t0 = time.perf_counter()
+        self.rollouts, self.logs, self.seconds = None, {}, {}
+        self.query, self.query_mask = self.batch_of(self.iteration)
+        self.seconds["generation"] = time.perf_counter() - t0
+        return self.query, self.query_mask
+
+    def rollout(self) -> Rollouts:
+        """1. Sample a response to each prompt (KV cache; cut at EOS)."""
+        self._need(self.query, "sample_prompts")
+        t0 = time.perf_counter()
+        with self.run.autocast():
+            self.rollouts = rollout(self.actor, self.query, self.query_mask, self.p)
+        self.seconds["generation"] += time.perf_counter() - t0
+        return self.rollouts
+
+    def score(self) -> torch.Tensor:
+        """2. Score each response (reward model or function): rollouts.raw_score; then
+        normalised and shaped: rollouts.score."""
+        self._need(self.rollouts, "rollout")
+        t0 = time.perf_counter()
+        with torch.no_grad(), self.run.autocast():
+            raw, shaped = score(self.rollouts, self.score_fn, self.p, self.gain, self.bias, self.iteration)
+        self.rollouts = dataclasses.replace(self.rollouts, raw_score=raw, score=shaped)
+        self.seconds["scoring"] = time.perf_counter() - t0
+        return shaped
+
+    def logprobs_and_values(self) -> Rollouts:
+        """3. Log-probs of the sampled tokens under actor and reference, the critic's values."""
+        self._need(self.rollouts is not None and self.rollouts.score, "score")
+        t0 = time.perf_counter()
+        with torch.no_grad(), self.run.autocast():
+            self.rollouts, stats = logprobs_and_values(self.rollouts, self.actor, self.reference, self.critic,
+                                                       self.p)
+        self.logs.update(stats)
+        self.seconds["scoring"] += time.perf_counter() - t0
+        return self.rollouts
+
+    def advantages(self) -> Rollouts:
+        """4. Per-token KL and rewards with this iteration's beta, GAE advantages and returns."""
+        self._need(self.rollouts is not None and self.rollouts.values, "logprobs_and_values")
+        t0 = time.perf_counter()
+        self.beta = self.kl_ctl.value  # this iteration's KL coefficient: used, logged, then adapted
+        self.rollouts, stats = advantages(self.rollouts, self.rollouts.score, self.rollouts.ref_logprobs,
+                                          self.beta, self.p)
+        self.logs.update(stats)
+        self.seconds["scoring"] += time.perf_counter() - t0
+        return self.rollouts
+
+    def update(self) -> dict:
+        """5. ppo_epochs passes of clipped policy and value updates over the rollouts."""
+        self._need(self.rollouts is not None and self.rollouts.advantages, "advantages")
+        t0 = time.perf_counter()
+        stats = ppo_update(self.actor, self.critic, self.rollouts, self.p, self.actor_stepper, self.critic_stepper,
+                           self.micro_batch_size)
+        self.logs.update(stats)
+        self.seconds["update"] = time.perf_counter() - t0
+        return stats
+
+    def ratios(self) -> torch.Tensor:
+        """pi_now / pi_rollout per response token (B, Tr): exactly 1 before update()."""
+        self._need(self.rollouts is not None and self.rollouts.logprobs, "logprobs_and_values")
+        with self.run.autocast():
+            return ratios(self.actor, self.rollouts, self.p)
+
+    def log(self) -> dict:
+        """6. The iteration is done: adapt beta, log its scalars to TensorBoard, and every
+        ppo.sample_every iterations (and after the first) print samples and save the
+        rollouts the inspector shows (run folder rollouts/iteration_*.pt). Returns the scalars."""
+        self._need("update" in self.seconds or None, "update")
+        r, done = self.rollouts, self.iteration + 1
+        self.kl_ctl.update(self.logs["objective/kl"], self.t.batch_size)
+        self.logs.update(iteration_stats(r, self.beta, self.seconds),
+                         **{"optim/skipped_steps": self.actor_stepper.skipped + self.critic_stepper.skipped})
+        tracker = self.open()
+        tracker.scalars(done, self.logs)
+        tracker.progress(1, score=self.logs["objective/raw_score"], kl=self.logs["objective/kl"])
+        if self.p.sample_every and (done % self.p.sample_every == 0 or done == 1):
+            self.run.print(samples_text(done, r, self.logs, self.enc))
+            self.save_rollouts(done)
+        self.iteration = done
+        self.seconds = {}
+        return self.logs
+
+    def save(self) -> Path:
+        """Checkpoint the run after the iterations done so far (models, optimizers, beta,
+        reward normalisation, RNG and data position): PPOLab(cfg, resume=run folder) or
+        train_ppo.py --resume continues from it exactly."""
+        self.open()
+        return save(self.run, self.iteration, {"actor": self.actor, "critic": self.critic}, self.steppers,
+                    {"kl_ctl": self.kl_ctl.state_dict(), "reward_gain": self.gain, "reward_bias": self.bias,
+                     "sources": self.sources, "data_position": self.stream.position(self.iteration)})
+
+    def step(self) -> dict:
+        """One whole iteration, phase by phase; a checkpoint when train.save_every says."""
+        self.sample_prompts()            # 0. prompts
+        self.rollout()                   # 1. rollout
+        self.score()                     # 2. score
+        self.logprobs_and_values()       # 3. logprobs, values
+        self.advantages()                # 4. advantages
+        self.update()                    # 5. update
+        logs = self.log()                # 6. log
+        if is_due(self.iteration, self.t.save_every, self.t.max_steps):
+            self.save()
+        return logs
+
+    # ---------------------------------------------------------------- around the phases
+
+    def save_rollouts(self, done: int) -> Path:
+        """rollouts/iteration_<done>.pt in the run folder: the first rows of this
+        iteration's rollouts with every per-token quantity and the ratio after the update
+        (a forward pass over those rows only), for the inspector. Written atomically."""
+        r = self.rollouts.select(slice(0, INSPECT_ROWS))
+        record = rollout_record(done, r, ratios(self.actor, r, self.p), self.logs, self.enc)
+        folder = self.run.dir / "rollouts"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"iteration_{done:06d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(record, tmp)
+        tmp.replace(path)
+        return path
+
+    def open(self):
+        """The run folder and TensorBoard, from the first logged iteration on (idempotent)."""
+        if self._tracking is None:
+            p, t = self.actor_stepper, self.critic_stepper
+            header = (f"device {self.run.device}, {str(self.run.dtype).replace('torch.', '')}; actor "
+                      f"{sum(q.numel() for q in p.params):,} trainable, critic {sum(q.numel() for q in t.params):,} "
+                      f"trainable; iterations {self.start}..{self.t.max_steps}\nstarting from "
+                      + ", ".join(f"{k} {v}" for k, v in self.sources.items() if v is not None))
+            self._tracking = tracked(self.run, self.start, header)
+            self._tracker = self._tracking.__enter__()
+        return self._tracker
+
+    def close(self, error: BaseException | None = None):
+        """Close TensorBoard and the progress bar ("done" in the log unless `error`)."""
+        if self._tracking is not None:
+            tracking, self._tracking = self._tracking, None
+            if error is None:
+                tracking.__exit__(None, None, None)
+            else:
+                tracking.__exit__(type(error), error, error.__traceback__)
+
+    def __enter__(self) -> "PPOLab":
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.close(error)
+        return False
+
+    @staticmethod
+    def _need(value, phase: str):
+        if value is None or value is False:
+            raise RuntimeError(f"call lab.{phase}() first: the phases run in order (sample_prompts, rollout, "
+                               f"score, logprobs_and_values, advantages, update, log)")
+
+
+def train(cfg: PPOConfig, resume: str | Path | None = None,
+          reward_fn: Callable | None = None,
+          prompts: list[list[int]] | None = None) -> Path:
+    """Run PPO: PPOLab.step() until train.max_steps. `reward_fn` (texts -> scores)
+    replaces the reward model; `prompts` (token ids) replace the prompt dataset: both for
+    programmatic tasks and tests."""
+    with PPOLab(cfg, resume, reward_fn, prompts) as lab:
+        lab.open()  # the run folder and the header before the first iteration, as every stage
+        while lab.iteration < cfg.train.max_steps:
+            lab.step()
+    return lab.run.dir
 
 
 def main(argv=None, usage: str = __doc__):

@@ -91,10 +91,18 @@ def test_phases_out_of_order_are_an_error(tmp_path):
         lab.rollout()
         with pytest.raises(RuntimeError, match=r"call lab.score\(\) first"):
             lab.logprobs_and_values()
-        with pytest.raises(RuntimeError, match=r"call lab.logprobs_and_values\(\) first"):
+        with pytest.raises(RuntimeError, match=r"call lab.score\(\) first"):
             lab.advantages()
+        lab.score()
+        with pytest.raises(RuntimeError, match=r"lab.score\(\) already ran in this iteration; next is "
+                                               r"lab.logprobs_and_values\(\)"):
+            lab.score()
+        lab.logprobs_and_values()
+        lab.advantages()
         with pytest.raises(RuntimeError, match=r"call lab.update\(\) first"):
             lab.log()
+        with pytest.raises(RuntimeError, match=r"between iterations only"):
+            lab.save()
 
 
 def test_sampled_iterations_save_what_the_inspector_shows(tmp_path):

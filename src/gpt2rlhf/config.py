@@ -334,7 +334,8 @@ class PPOArgs:
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a response that has no EOS (None: no penalty)."""
     sample_every: int = 10
-    """Print a few prompt/response pairs every N iterations."""
+    """Every N iterations (and after the first): print a few prompt/response pairs and save
+    the first 8 rollouts with their per-token data to rollouts/ for inspect_rollouts.py (0: never)."""
     forward_batch_size: int = 16
     """Rows per forward pass when scoring a rollout batch (reward, log-probs of actor and
     reference, values): the batch is never held as B x T x vocabulary logits at once."""

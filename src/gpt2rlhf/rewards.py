@@ -3,7 +3,8 @@
 
 A reward function takes the response texts of one rollout batch and returns one number
 per response: `fn(texts: list[str]) -> list[float]`. Given a parameter named `prompts`
-(or a second positional one), it is also given the prompt texts, in the same order. It
+(or **kwargs, or a second positional one), it is also given the prompt texts, in the same
+order. It
 is called once per iteration (and on the reward-normalisation batches); whatever it
 returns is checked: the count, and that every score is a finite number.
 
@@ -14,6 +15,7 @@ judge of the IMDB experiment as a reward. The classic recipe with a Hugging Face
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -25,20 +27,17 @@ from typing import Callable
 
 from .config import ConfigError, resolve_input
 
-SPEC = re.compile(r"^(?P<target>[^:]+(?:\.py|[A-Za-z0-9_.]))?:(?P<function>[A-Za-z_][A-Za-z0-9_]*)$")
+IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+SPEC = re.compile(rf"^(?:(?P<file>(?:[A-Za-z]:)?[^:]+\.py)|(?P<module>{IDENTIFIER}(?:\.{IDENTIFIER})*)):{IDENTIFIER}$")
 
 
 def is_reward_spec(value: str | None) -> bool:
-    """Whether `value` names a Python function (`module:function`, `file.py:function`)
-    rather than a reward-model checkpoint: a dotted module name or a .py file, then a colon
-    and an identifier."""
-    if not value or ":" not in value:
+    """Whether `value` names a Python function (`module:function`, `path/file.py:function`,
+    a Windows drive allowed) rather than a reward-model checkpoint: a dotted module name or
+    a .py file, a colon, an identifier. A value that names an existing path is a checkpoint."""
+    if not value or not SPEC.match(value):
         return False
-    m = SPEC.match(value)
-    if not m or not m.group("target"):
-        return False
-    target = m.group("target")
-    return target.endswith(".py") or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", target) is not None
+    return not Path(resolve_input(value)).exists()
 
 
 class RewardFunction:
@@ -53,21 +52,21 @@ class RewardFunction:
             self.with_prompts = False
             return
         params = sig.parameters
-        self.with_prompts = "prompts" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        by_name = ("prompts" in params and params["prompts"].kind is not inspect.Parameter.POSITIONAL_ONLY
+                   or any(p.kind is p.VAR_KEYWORD for p in params.values()))
+        self.with_prompts, self.positional = by_name, False
         try:
-            if self.with_prompts:
+            if by_name:
                 sig.bind([], prompts=[])
             else:
                 try:
                     sig.bind([])
                 except TypeError:
-                    sig.bind([], [])  # fn(texts, prompts) under other names
-                    self.with_prompts = True
+                    sig.bind([], [])  # fn(texts, prompts) under other names, or positional-only
+                    self.with_prompts = self.positional = True
         except TypeError as e:
             raise ConfigError(f"reward {name}: wrong signature {sig}: it must take the response texts "
                               f"(fn(texts) or fn(texts, prompts)) ({e})") from None
-        self.positional = self.with_prompts and "prompts" not in params and not any(
-            p.kind is p.VAR_KEYWORD for p in params.values())
 
     def __call__(self, texts: list[str], prompts: list[str] | None = None):
         if not self.with_prompts:
@@ -89,7 +88,12 @@ def load_reward_function(spec: str) -> RewardFunction:
         path = Path(resolve_input(target))
         if not path.is_file():
             raise ConfigError(f"{what}: no file {target}")
-        module_name = f"gpt2rlhf_reward_{abs(hash(str(path.resolve())))}"
+        path = path.resolve()
+        # a stable name (the same in every process, so its functions pickle) and the file's
+        # folder importable, as `python file.py` has it, for helpers beside it
+        module_name = "gpt2rlhf_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
         try:
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)
@@ -97,18 +101,26 @@ def load_reward_function(spec: str) -> RewardFunction:
             module_spec.loader.exec_module(module)
         except Exception as e:  # the user's file: any error in it is theirs to see, in one line
             sys.modules.pop(module_name, None)
-            raise ConfigError(f"{what}: importing {path} failed: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"{what}: importing {path} failed: {type(e).__name__}: {one_line(e)}") from None
     else:
+        if os.getcwd() not in sys.path:  # the user's own module in the working folder (as uvicorn's module:app)
+            sys.path.append(os.getcwd())
         try:
             module = importlib.import_module(target)
         except Exception as e:
-            raise ConfigError(f"{what}: cannot import module {target}: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"{what}: cannot import module {target}: {type(e).__name__}: {one_line(e)}") from None
     fn = getattr(module, name, None)
     if fn is None:
         raise ConfigError(f"{what}: {target} has no {name}")
     if not callable(fn):
         raise ConfigError(f"{what}: {target}.{name} is a {type(fn).__name__}, not a function")
     return RewardFunction(fn, spec)
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message: the command line reports every failure in one."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # ------------------------------------------------------------------ the project's own rewards
@@ -128,7 +140,7 @@ def sentiment(texts: list[str]) -> list[float]:
         from .evaluation.sentiment import fit_sentiment_judge, labelled_texts
 
         default = Path(os.environ.get("IMDB_DIR", "../shared/data/imdb")) / "imdb_train.jsonl.gz"
-        path = os.environ.get("GPT2RLHF_SENTIMENT_TRAIN") or resolve_input(str(default))
+        path = resolve_input(os.environ.get("GPT2RLHF_SENTIMENT_TRAIN") or str(default))
         if not Path(path).is_file():
             raise ConfigError(f"reward gpt2rlhf.rewards:sentiment: no labelled reviews at {path}; set "
                               f"GPT2RLHF_SENTIMENT_TRAIN to a JSONL file of {{text, label}} records")

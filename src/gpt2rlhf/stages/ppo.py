@@ -14,7 +14,11 @@
                     (micro-batches weighted by their tokens); optional early stop on approxkl
     6. log          scores, total reward, KL (k1 and k3), beta, losses, clipfrac, approxkl,
                     ratios, entropies, explained variance, advantage/return statistics,
-                    lengths, time per phase
+                    lengths, time per phase; every ppo.sample_every iterations, samples and
+                    the first rollouts with their per-token data (rollouts/, the inspector's)
+
+PPOLab runs these phases one method each, for a notebook or a debugger; train() is
+PPOLab.step() in a loop.
 
 The reference policy is the actor with its LoRA adapters switched off (no second copy),
 or a frozen copy of the SFT model for full fine-tuning. Dropout is off in all four models.
@@ -45,13 +49,13 @@ from ..generation import generate
 from ..lora import adapters_disabled
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..model import set_dropout
-from ..rewards import RewardFunction, is_reward_spec, load_reward_function
+from ..rewards import RewardFunction, is_reward_spec, load_reward_function, one_line
 from ..rl import (AdaptiveKLController, FixedKLController, entropy_from_logprobs, explained_variance, gae,
                   kl_estimators, masked_mean, masked_whiten, per_token_rewards, reward_normalisation,
                   sampling_logits_)
 from ..tokenizer import EOT_TOKEN, get_tokenizer, response_text
-from .common import (RewardError, Run, Stepper, build_model, cli, is_due, open_run, restore_models, resume_step, save,
-                     tracked)
+from .common import (RewardError, Run, Stepper, build_model, cli, find_run, is_due, open_run, restore_models,
+                     resume_step, save, tracked)
 
 
 @dataclass
@@ -132,9 +136,14 @@ def callable_reward(fn: Callable, enc, name: str | None = None) -> Callable[[Rol
         prompts = ([enc.decode(q[m.bool()].tolist()) for q, m in zip(r.query, r.query_mask)]
                    if fn.with_prompts else None)
         try:
-            values = list(fn(texts, prompts))
+            values = fn(texts, prompts)
         except Exception as e:  # the user's code: its error, in one line that names it
-            raise RewardError(f"reward {fn.name} raised {type(e).__name__}: {e}") from e
+            raise RewardError(f"reward {fn.name} raised {type(e).__name__}: {one_line(e)}") from e
+        try:
+            values = list(values)
+        except TypeError:
+            raise RewardError(f"reward {fn.name} returned {type(values).__name__}, not a list of "
+                              f"{len(texts)} numbers") from None
         if len(values) != len(texts):
             raise RewardError(f"reward {fn.name} returned {len(values)} scores for {len(texts)} responses")
         try:
@@ -147,6 +156,7 @@ def callable_reward(fn: Callable, enc, name: str | None = None) -> Callable[[Rol
             raise RewardError(f"reward {fn.name} returned non-finite scores for responses {bad[:5]}: "
                               f"e.g. {texts[bad[0]]!r} -> {values[bad[0]]}")
         return scores
+    score.name = fn.name
     return score
 
 
@@ -558,9 +568,10 @@ class PPOLab:
             self.gain, self.bias = 1.0, 0.0
         if run.checkpoint is None and sources["reward"] is not None and sources["reward"] == sources["critic"]:
             fold_normalisation(self.critic, self.gain, self.bias)  # critic on the returns' scale (issue 11)
-        self.iteration = self.start = resume_step(run, self.steppers)  # iterations done
+        self.iteration = resume_step(run, self.steppers)  # iterations done
         self.query = self.query_mask = self.rollouts = None
         self.beta, self.logs, self.seconds = self.kl_ctl.value, {}, {}
+        self.phase = "log"  # the last phase run: an iteration starts with sample_prompts()
         self._tracking = None
 
     @classmethod
@@ -573,16 +584,26 @@ class PPOLab:
         which must then be a reward model). `prompts`: texts or token ids (None: the
         config's data.train). `config`: a YAML preset to start from; `overrides`:
         {"ppo.max_new_tokens": 16, ...}, as the command line's --section.key value."""
-        args = ["-a", str(actor)]
-        args += ["-c", str(critic)] if critic is not None else ["-c", str(actor), "--critic_new_head", "true"]
+        values = {"actor": {"pretrain": str(actor)}, "critic": {"pretrain": str(critic or actor)},
+                  "critic_new_head": critic is None}
         if isinstance(reward, (str, Path)):
-            args += ["--reward", str(reward)]
+            values["reward"] = str(reward)
         for key, value in (overrides or {}).items():
-            args += [f"--{key}", "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)]
-        cfg = load_config(PPOConfig, config, args)
-        if prompts is not None and prompts and isinstance(prompts[0], str):
+            *sections, name = key.split(".")
+            node = values
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = str(value) if isinstance(value, Path) else value
+        if resume is not None:  # as train_ppo.py --resume: the run's own config, the arguments over it
+            config = str(find_run(str(resume), "ppo", load_config(PPOConfig, config, values)) / "config.yaml")
+        cfg = load_config(PPOConfig, config, values)
+        if prompts and isinstance(prompts[0], str):
             enc = get_tokenizer()
             prompts = [enc.encode_ordinary(text) for text in prompts]
+            too_long = [i for i, q in enumerate(prompts) if len(q) > cfg.prompts.max_tokens]
+            if too_long:
+                raise ConfigError(f"prompts: {len(too_long)} of the texts are longer than prompts.max_tokens "
+                                  f"({cfg.prompts.max_tokens} tokens), e.g. number {too_long[0]}")
         return cls(cfg, resume, reward_fn=None if isinstance(reward, (str, Path)) else reward, prompts=prompts)
 
     # ---------------------------------------------------------------- the phases
@@ -596,67 +617,76 @@ class PPOLab:
     def sample_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """0. This iteration's batch of prompts (train.batch_size of them, each epoch of
         the prompt set in a new seeded order): lab.query (B, Tq), lab.query_mask."""
+        if self.phase == "update":
+            raise RuntimeError("call lab.log() first: this iteration's update ran, and log() completes it")
         t0 = time.perf_counter()
         self.rollouts, self.logs, self.seconds = None, {}, {}
         self.query, self.query_mask = self.batch_of(self.iteration)
         self.seconds["generation"] = time.perf_counter() - t0
+        self.phase = "sample_prompts"
         return self.query, self.query_mask
 
     def rollout(self) -> Rollouts:
         """1. Sample a response to each prompt (KV cache; cut at EOS)."""
-        self._need(self.query, "sample_prompts")
+        self._after("sample_prompts", "rollout")
         t0 = time.perf_counter()
         with self.run.autocast():
             self.rollouts = rollout(self.actor, self.query, self.query_mask, self.p)
         self.seconds["generation"] += time.perf_counter() - t0
+        self.phase = "rollout"
         return self.rollouts
 
     def score(self) -> torch.Tensor:
         """2. Score each response (reward model or function): rollouts.raw_score; then
         normalised and shaped: rollouts.score."""
-        self._need(self.rollouts, "rollout")
+        self._after("rollout", "score")
         t0 = time.perf_counter()
         with torch.no_grad(), self.run.autocast():
             raw, shaped = score(self.rollouts, self.score_fn, self.p, self.gain, self.bias, self.iteration)
         self.rollouts = dataclasses.replace(self.rollouts, raw_score=raw, score=shaped)
         self.seconds["scoring"] = time.perf_counter() - t0
+        self.phase = "score"
         return shaped
 
     def logprobs_and_values(self) -> Rollouts:
         """3. Log-probs of the sampled tokens under actor and reference, the critic's values."""
-        self._need(self.rollouts is not None and self.rollouts.score, "score")
+        self._after("score", "logprobs_and_values")
         t0 = time.perf_counter()
         with torch.no_grad(), self.run.autocast():
             self.rollouts, stats = logprobs_and_values(self.rollouts, self.actor, self.reference, self.critic,
                                                        self.p)
         self.logs.update(stats)
         self.seconds["scoring"] += time.perf_counter() - t0
+        self.phase = "logprobs_and_values"
         return self.rollouts
 
     def advantages(self) -> Rollouts:
         """4. Per-token KL and rewards with this iteration's beta, GAE advantages and returns."""
-        self._need(self.rollouts is not None and self.rollouts.values, "logprobs_and_values")
+        self._after("logprobs_and_values", "advantages")
         t0 = time.perf_counter()
         self.beta = self.kl_ctl.value  # this iteration's KL coefficient: used, logged, then adapted
         self.rollouts, stats = advantages(self.rollouts, self.rollouts.score, self.rollouts.ref_logprobs,
                                           self.beta, self.p)
         self.logs.update(stats)
         self.seconds["scoring"] += time.perf_counter() - t0
+        self.phase = "advantages"
         return self.rollouts
 
     def update(self) -> dict:
         """5. ppo_epochs passes of clipped policy and value updates over the rollouts."""
-        self._need(self.rollouts is not None and self.rollouts.advantages, "advantages")
+        self._after("advantages", "update")
         t0 = time.perf_counter()
         stats = ppo_update(self.actor, self.critic, self.rollouts, self.p, self.actor_stepper, self.critic_stepper,
                            self.micro_batch_size)
         self.logs.update(stats)
         self.seconds["update"] = time.perf_counter() - t0
+        self.phase = "update"
         return stats
 
     def ratios(self) -> torch.Tensor:
         """pi_now / pi_rollout per response token (B, Tr): exactly 1 before update()."""
-        self._need(self.rollouts is not None and self.rollouts.logprobs, "logprobs_and_values")
+        if self.rollouts is None or self.rollouts.logprobs is None:
+            raise RuntimeError("call lab.logprobs_and_values() first: ratios compare with the rollout's log-probs")
         with self.run.autocast():
             return ratios(self.actor, self.rollouts, self.p)
 
@@ -664,7 +694,7 @@ class PPOLab:
         """6. The iteration is done: adapt beta, log its scalars to TensorBoard, and every
         ppo.sample_every iterations (and after the first) print samples and save the
         rollouts the inspector shows (run folder rollouts/iteration_*.pt). Returns the scalars."""
-        self._need("update" in self.seconds or None, "update")
+        self._after("update", "log")
         r, done = self.rollouts, self.iteration + 1
         self.kl_ctl.update(self.logs["objective/kl"], self.t.batch_size)
         self.logs.update(iteration_stats(r, self.beta, self.seconds),
@@ -676,13 +706,17 @@ class PPOLab:
             self.run.print(samples_text(done, r, self.logs, self.enc))
             self.save_rollouts(done)
         self.iteration = done
-        self.seconds = {}
+        self.phase = "log"
         return self.logs
 
     def save(self) -> Path:
         """Checkpoint the run after the iterations done so far (models, optimizers, beta,
-        reward normalisation, RNG and data position): PPOLab(cfg, resume=run folder) or
-        train_ppo.py --resume continues from it exactly."""
+        reward normalisation, RNG and data position), between iterations only:
+        PPOLab(cfg, resume=run folder) or train_ppo.py --resume continues from it exactly
+        (a reward function or prompts passed in from Python must be passed again)."""
+        if self.phase != "log":
+            raise RuntimeError(f"lab.save() between iterations only: this one is at lab.{self.phase}(); finish it "
+                               f"with lab.log() (a checkpoint mid-iteration could not resume exactly)")
         self.open()
         return save(self.run, self.iteration, {"actor": self.actor, "critic": self.critic}, self.steppers,
                     {"kl_ctl": self.kl_ctl.state_dict(), "reward_gain": self.gain, "reward_bias": self.bias,
@@ -708,7 +742,10 @@ class PPOLab:
         iteration's rollouts with every per-token quantity and the ratio after the update
         (a forward pass over those rows only), for the inspector. Written atomically."""
         r = self.rollouts.select(slice(0, INSPECT_ROWS))
-        record = rollout_record(done, r, ratios(self.actor, r, self.p), self.logs, self.enc)
+        with self.run.autocast():  # as the rollout's log-probs were taken: exactly 1 before an update
+            ratio = ratios(self.actor, r, self.p)
+        record = rollout_record(done, r, ratio, self.logs, self.enc)
+        self.open()
         folder = self.run.dir / "rollouts"
         folder.mkdir(exist_ok=True)
         path = folder / f"iteration_{done:06d}.pt"
@@ -718,14 +755,17 @@ class PPOLab:
         return path
 
     def open(self):
-        """The run folder and TensorBoard, from the first logged iteration on (idempotent)."""
+        """Create the run folder and open TensorBoard, if not yet done: train() calls it before
+        the first iteration; a lab driven by hand opens it when it first logs or saves."""
         if self._tracking is None:
             p, t = self.actor_stepper, self.critic_stepper
             header = (f"device {self.run.device}, {str(self.run.dtype).replace('torch.', '')}; actor "
                       f"{sum(q.numel() for q in p.params):,} trainable, critic {sum(q.numel() for q in t.params):,} "
-                      f"trainable; iterations {self.start}..{self.t.max_steps}\nstarting from "
-                      + ", ".join(f"{k} {v}" for k, v in self.sources.items() if v is not None))
-            self._tracking = tracked(self.run, self.start, header)
+                      f"trainable; iterations {self.iteration}..{self.t.max_steps}\nstarting from "
+                      + ", ".join(f"{k} {v}" for k, v in self.sources.items() if v is not None)
+                      + ("" if self.reward_model is not None or self.sources.get("reward_fn") else
+                         f", reward {self.score_fn.name} (a Python function)"))
+            self._tracking = tracked(self.run, self.iteration, header)  # reopened after close(): no second header
             self._tracker = self._tracking.__enter__()
         return self._tracker
 
@@ -745,11 +785,22 @@ class PPOLab:
         self.close(error)
         return False
 
-    @staticmethod
-    def _need(value, phase: str):
-        if value is None or value is False:
-            raise RuntimeError(f"call lab.{phase}() first: the phases run in order (sample_prompts, rollout, "
-                               f"score, logprobs_and_values, advantages, update, log)")
+    def _after(self, previous: str, phase: str):
+        """Refuse a phase unless `previous` was the last one run in this iteration: a phase
+        never runs twice, nor on another iteration's data."""
+        if self.phase == previous:
+            return
+        if self.phase == "log":
+            raise RuntimeError(f"call lab.sample_prompts() first: every iteration starts there "
+                               f"({self.iteration} done so far)")
+        order = PHASES.index(self.phase)
+        if PHASES.index(phase) <= order:
+            raise RuntimeError(f"lab.{phase}() already ran in this iteration; next is lab.{PHASES[order + 1]}() "
+                               f"(the phases: {', '.join(PHASES)})")
+        raise RuntimeError(f"call lab.{PHASES[order + 1]}() first: the phases run in order ({', '.join(PHASES)})")
+
+
+PHASES = ("sample_prompts", "rollout", "score", "logprobs_and_values", "advantages", "update", "log")
 
 
 def train(cfg: PPOConfig, resume: str | Path | None = None,

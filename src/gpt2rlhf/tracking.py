@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: tqdm.auto in a notebook without ipywidgets only warns
 
 
 class Tracker:

@@ -225,6 +225,9 @@ class TrainArgs:
     """torch.compile the model for training."""
     max_bad_steps: int = 10
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
+    dist_timeout: float = 600.0
+    """Under torchrun: seconds a collective waits for the other processes before it fails
+    (a rank that died or hangs ends the run with an error on every rank, not a hang)."""
 
     def __post_init__(self):
         mb = self.micro_batch_size or self.batch_size

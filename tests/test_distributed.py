@@ -2,6 +2,7 @@
 processes follow the 1-process loss curve with the same global batch, a 2-process
 checkpoint resumes in 1 process, and bad launches end with a clear error on every rank."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,12 @@ def launch(stage: str, args: list[str], nproc: int = 1, timeout: float = 300) ->
                                                 "--nproc_per_node", str(nproc)]
     return subprocess.run([*head, STAGES[stage], *args], cwd=SRC, capture_output=True, text=True, timeout=timeout,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def worker_traceback(stderr: str) -> bool:
+    """Whether a worker died with a Python traceback through the project's code (torchrun's
+    own summary of a failed child, which follows any error, does not count)."""
+    return re.search(r'File "[^"]*(gpt2rlhf|training)/', stderr) is not None
 
 
 def scalars(run_dir: Path, tag: str) -> list[float]:
@@ -83,23 +90,21 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, reviews):
     assert len(losses) == 4
 
 
-def test_a_batch_that_does_not_divide_is_an_error_on_every_rank(tmp_path, reviews):
+def test_a_batch_that_does_not_divide_is_a_clear_error(tmp_path, reviews):
     done = launch("sft", common(reviews, tmp_path / "runs", "-b", "3", "--train.micro_batch_size", "1",
                                 "--train.max_steps", "2"), nproc=2, timeout=120)
     assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 2, done.stderr[-3000:]  # one per rank
-    assert all("must be divisible by the number of processes (2)" in line for line in lines)
+    # each rank finds it; torchrun stops the others once the first has exited, so one or two print it
+    assert done.stderr.count("must be divisible by the number of processes (2)") >= 1, done.stderr[-3000:]
+    assert not worker_traceback(done.stderr), done.stderr[-3000:]
 
 
-def test_cuda_on_a_machine_without_it_is_an_error_on_every_rank(tmp_path, reviews):
-    pytest.importorskip("torch")
+def test_cuda_on_a_machine_without_it_is_a_clear_error(tmp_path, reviews):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     done = launch("rm", common(reviews, tmp_path / "runs", "--train.device", "cuda", "--train.max_steps", "1"),
                   nproc=2, timeout=120)
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode != 0 and len(lines) == 2, done.stderr[-3000:]
-    assert all("no CUDA GPU is available" in line for line in lines)
+    assert done.returncode != 0 and done.stderr.count("no CUDA GPU is available") >= 1, done.stderr[-3000:]
+    assert not worker_traceback(done.stderr), done.stderr[-3000:]

@@ -238,6 +238,8 @@ class TrainArgs:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
 
     @property
     def grad_accum(self) -> int:

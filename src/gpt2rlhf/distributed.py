@@ -68,12 +68,37 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def on_main(self, fn):
+        """fn() on rank 0 alone, the others waiting: its result on rank 0, and its error, if
+        it raised one, raised again on every rank (the same message everywhere, no rank
+        left waiting in a collective that rank 0 never reaches)."""
+        if self.size == 1:
+            return fn()
+        error = result = None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as e:  # shared with the other ranks below, then raised again here too
+                error = e
+        kind, message = self.broadcast((None, None) if error is None else (type(error), str(error)))
+        if error is not None:
+            raise error
+        if kind is not None:
+            raise kind(message)
+        return result
+
 
 def launched_world() -> World:
     """The world torchrun describes in the environment; one process without it."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE is {size} but {', '.join(missing)} is not set: start several processes "
+                          f"with torchrun (e.g. torchrun --standalone --nproc_per_node {size} ...), or unset WORLD_SIZE")
+    if not dist.is_available():
+        raise ConfigError("this torch build has no torch.distributed: run one process (unset WORLD_SIZE)")
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -83,6 +108,8 @@ def init(world: World, device: torch.device, timeout_s: float = 600.0) -> None:
     others with an error instead of a hang."""
     if world.size == 1 or dist.is_initialized():
         return
+    if timeout_s <= 0:
+        raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {timeout_s}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and not dist.is_nccl_available():
         raise ConfigError("train.device is CUDA but this torch build has no NCCL; use --train.device cpu (gloo)")
@@ -92,7 +119,20 @@ def init(world: World, device: torch.device, timeout_s: float = 600.0) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
+COLLECTIVE_ERRORS = (dist.DistError, RuntimeError) if dist.is_available() else ()
+
+
+def lost_peer(error: BaseException, world: World) -> bool:
+    """Whether `error` is a collective that failed because another process died or stopped
+    answering (gloo's "Connection closed by peer", a timeout, NCCL's errors)."""
+    if world.size == 1 or not isinstance(error, COLLECTIVE_ERRORS):
+        return False
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(w in text for w in (
+        "timed out", "timeout", "connection closed", "connection reset", "peer", "nccl", "gloo"))
+
+
 def close() -> None:
     """Leave the process group (at the end of a stage, or after an error on this rank)."""
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

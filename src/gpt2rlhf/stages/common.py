@@ -5,6 +5,7 @@ exact resume, and the supervised loop SFT and RM both run."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import sys
@@ -116,7 +117,14 @@ def pick_device(name: str, world: World = World()) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but no CUDA GPU is available")
-    if device.type == "cuda" and device.index is None and world.size > 1:
+    if device.type == "cuda" and world.size > 1:
+        if device.index is not None:
+            raise ConfigError(f"train.device {name!r} under torchrun: give cuda (or auto), and each process takes "
+                              f"its own GPU, cuda:LOCAL_RANK")
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {world.local_rank} on this machine has no GPU of its own: "
+                              f"{torch.cuda.device_count()} GPU(s) for more processes; start at most that many "
+                              f"with torchrun --nproc_per_node")
         device = torch.device("cuda", world.local_rank)
     return device
 
@@ -196,11 +204,9 @@ def open_run(cfg, stage: str, resume: str | Path | None = None) -> Run:
     if resume is None:
         return Run(None, stage, cfg, device, dtype, world=world)
     run = Run(find_run(str(resume), stage, cfg), stage, cfg, device, dtype, world=world)
-    if not world.main:  # rank 0 alone cleans up or sets aside a damaged checkpoint, first
-        world.barrier()
-    run.checkpoint, run.state = resumable_checkpoint(run)
-    if world.main:
-        world.barrier()
+    # rank 0 alone cleans up or sets aside a damaged checkpoint, first; its error is every rank's
+    found = world.on_main(lambda: resumable_checkpoint(run))
+    run.checkpoint, run.state = found if world.main else resumable_checkpoint(run)
     return run
 
 
@@ -301,7 +307,7 @@ class Stepper:
                 with self.run.autocast():
                     loss, m = loss_fn(mb)
                 # DDP averages the ranks' gradients: times world.size makes it their sum, as one process has it
-                self.scaler.scale(loss * (share * world.size if world.size > 1 else share)).backward()
+                self.scaler.scale(loss * (share * world.size if self.ddp is not None else share)).backward()
             total = total + loss.detach().float() * share
             for k, v in m.items():
                 v = v.detach()
@@ -399,10 +405,13 @@ def restore_models(run: Run, build: dict[str, Callable[[], nn.Module]]) -> dict[
 def save(run: Run, step: int, models: dict[str, nn.Module], stepper: Stepper | dict, extra: dict | None = None):
     """Checkpoint after `step` optimizer steps: models, optimizer(s), schedule, RNG states
     and data position; then keep only the newest train.keep_checkpoints."""
+    # rank 0 writes (every rank holds the same weights); the others wait, and share its error
+    path = run.world.on_main(lambda: _save(run, step, models, stepper, extra))
+    return path if run.world.main else step_dir(checkpoints_of(run.dir), step)
+
+
+def _save(run: Run, step: int, models: dict[str, nn.Module], stepper, extra: dict | None) -> Path:
     steppers = stepper if isinstance(stepper, dict) else {"": stepper}
-    if not run.world.main:  # rank 0 writes (every rank holds the same weights); the others wait for it
-        run.world.barrier()
-        return step_dir(checkpoints_of(run.dir), step)
     if run.tracker is not None:  # the step's scalars on disk before its checkpoint: a resume keeps them
         run.tracker.writer.flush()
     state = {"step": step, "rng": rng_state(), **(extra or {})}
@@ -412,7 +421,6 @@ def save(run: Run, step: int, models: dict[str, nn.Module], stepper: Stepper | d
                            metadata={"stage": run.stage, "step": step, "config": to_dict(run.cfg)},
                            trainer_state=state)
     prune_checkpoints(checkpoints_of(run.dir), run.cfg.train.keep_checkpoints)
-    run.world.barrier()
     return path
 
 
@@ -453,6 +461,7 @@ def tracked(run: Run, start: int, header: str):
     finally:
         tracker.close()
         run.tracker = None
+        distributed.close()  # under torchrun: the stage leaves the process group as it found it
 
 
 # ------------------------------------------------------------------ the supervised loop
@@ -474,6 +483,8 @@ def fit(run: Run, model: nn.Module, examples: list, collate: Callable, loss_fn: 
     world = run.world
     world.share(list(range(t.batch_size)))  # -b must divide evenly: an error before the loop, on every rank
     start = resume_step(run, stepper)
+    if world.rank > 0:  # dropout masks of their own on the other ranks (rank 0 draws as one process does)
+        torch.manual_seed(t.seed + 1_000_003 * world.rank + start)
     header = (f"device {run.device}, {str(run.dtype).replace('torch.', '')}; "
               f"{sum(p.numel() for p in stepper.params):,} trainable parameters of "
               f"{sum(p.numel() for p in model.parameters()):,}; steps {start}..{t.max_steps}")
@@ -524,12 +535,23 @@ def cli(cls, stage: str, train: Callable, argv: list[str] | None, usage: str):
         if resume is not None:
             cfg0 = load_config(cls, yaml_path, overrides)
             run_dir = find_run(resume, stage, cfg0)
-            print(f"resuming run folder {run_dir}", flush=True)
+            if launched_world().main:
+                print(f"resuming run folder {run_dir}", flush=True)
             saved = load_config(cls, str(run_dir / "config.yaml"), overrides)
             return train(saved, resume=run_dir)
         return train(load_config(cls, yaml_path, overrides))
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the ranks share the pipe
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+    except Exception as e:
+        world = launched_world() if os.environ.get("WORLD_SIZE", "1") != "1" else World()
+        if not distributed.lost_peer(e, world):
+            raise
+        sys.stderr.write(f"error: rank {world.rank}: another process failed or stopped answering within "
+                         f"train.dist_timeout seconds (see its own message); {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n")
+        sys.stderr.flush()
         raise SystemExit(2) from None
     finally:
         distributed.close()  # under torchrun: leave the process group, whatever happened

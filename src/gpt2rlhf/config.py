@@ -225,6 +225,9 @@ class TrainArgs:
     """torch.compile the model for training."""
     max_bad_steps: int = 10
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
+    dist_timeout: float = 600.0
+    """Under torchrun: seconds a collective waits for the other processes before it fails
+    (a rank that died or hangs ends the run with an error on every rank, not a hang)."""
 
     def __post_init__(self):
         mb = self.micro_batch_size or self.batch_size
@@ -235,6 +238,8 @@ class TrainArgs:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
 
     @property
     def grad_accum(self) -> int:

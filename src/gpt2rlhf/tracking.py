@@ -22,7 +22,17 @@ class Tracker:
         self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=quiet,
                         desc=self.run_dir.name)
 
+    @classmethod
+    def silent(cls) -> "Tracker":
+        """A tracker that writes and shows nothing: the processes other than rank 0 under torchrun."""
+        tracker = cls.__new__(cls)
+        tracker.run_dir, tracker.writer = None, None
+        tracker.bar = tqdm(total=0, disable=True)
+        return tracker
+
     def scalars(self, step: int, values: dict[str, float]):
+        if self.writer is None:
+            return
         for tag, value in values.items():
             if value is not None and math.isfinite(float(value)):
                 self.writer.add_scalar(tag, float(value), step)
@@ -35,5 +45,6 @@ class Tracker:
 
     def close(self):
         self.bar.close()
-        self.writer.flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

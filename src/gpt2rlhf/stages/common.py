@@ -5,12 +5,13 @@ exact resume, and the supervised loop SFT and RM both run."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,8 @@ from ..runs import STAGE_SCRIPTS, checkpoints_of, latest_run, new_run_dir, run_o
 from ..config import ConfigError, ModelArgs, OptimArgs, TrainArgs, load_config, parse_cli, resolve_input, \
     resolve_output, save_config, to_dict
 from ..data import BatchStream, DataError
+from ..distributed import World, launched_world
+from .. import distributed
 from ..lora import LoraConfig, apply_lora
 from ..model import MODEL_CLASSES, PRESETS, GPTConfig, set_dropout
 from ..tokenizer import TokenizerError
@@ -66,12 +69,16 @@ class Run:
     tracker: Tracker | None = None
     started: bool = False
     pending: list = field(default_factory=list)  # log lines waiting for the folder
+    world: World = field(default_factory=World)  # rank 0 of 1 without torchrun
+    ddp: dict = field(default_factory=dict)  # model -> its DistributedDataParallel wrapper (several processes)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def print(self, message: str, log: bool = True):
-        """To the console (above the progress bar) and, with `log`, to log.txt."""
+        """To the console (above the progress bar) and, with `log`, to log.txt; rank 0 only."""
+        if not self.world.main:
+            return
         if self.tracker:
             self.tracker.bar.write(message)
         else:
@@ -89,21 +96,36 @@ class Run:
         log lines printed so far. Call once everything the run needs has loaded."""
         if self.started:
             return
+        if not self.world.main:  # rank 0 makes the folder; every rank learns its name
+            self.dir, self.started, self.pending = Path(self.world.broadcast(None)), True, []
+            return
         if self.dir is None:
             self.dir = new_run_dir(resolve_output(self.cfg.run.out_dir), self.stage, self.cfg.run.exp_name)
         save_config(self.cfg, self.dir / "config.yaml")
+        self.world.broadcast(str(self.dir))
         self.started = True
         pending, self.pending = self.pending, []
         with open(self.dir / "log.txt", "a") as f:
             f.writelines(m + "\n" for m in pending)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: World = World()) -> torch.device:
+    """The device of train.device; under torchrun, "auto" and "cuda" mean this process's own
+    GPU (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but no CUDA GPU is available")
+    if device.type == "cuda" and world.size > 1:
+        if device.index is not None:
+            raise ConfigError(f"train.device {name!r} under torchrun: give cuda (or auto), and each process takes "
+                              f"its own GPU, cuda:LOCAL_RANK")
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {world.local_rank} on this machine has no GPU of its own: "
+                              f"{torch.cuda.device_count()} GPU(s) for more processes; start at most that many "
+                              f"with torchrun --nproc_per_node")
+        device = torch.device("cuda", world.local_rank)
     return device
 
 
@@ -173,14 +195,18 @@ def open_run(cfg, stage: str, resume: str | Path | None = None) -> Run:
     """A new run (its folder is made by run.start()), or an existing one to continue from
     its latest intact checkpoint (a run killed before its first checkpoint starts over in
     place)."""
-    device = pick_device(cfg.train.device)
+    world = launched_world()
+    device = pick_device(cfg.train.device, world)
+    distributed.init(world, device, cfg.train.dist_timeout)
     dtype = pick_dtype(cfg.train.dtype, device)
     if device.type == "cpu":
         keep_freed_memory()  # large CPU tensors without page faults (allocator.py)
     if resume is None:
-        return Run(None, stage, cfg, device, dtype)
-    run = Run(find_run(str(resume), stage, cfg), stage, cfg, device, dtype)
-    run.checkpoint, run.state = resumable_checkpoint(run)
+        return Run(None, stage, cfg, device, dtype, world=world)
+    run = Run(find_run(str(resume), stage, cfg), stage, cfg, device, dtype, world=world)
+    # rank 0 alone cleans up or sets aside a damaged checkpoint, first; its error is every rank's
+    found = world.on_main(lambda: resumable_checkpoint(run))
+    run.checkpoint, run.state = found if world.main else resumable_checkpoint(run)
     return run
 
 
@@ -243,8 +269,9 @@ class Stepper:
     skipped and counted, and `max_bad_steps` of them in a row stop the run. In every dtype:
     with fp16 an overflow is such a step too, and GradScaler lowers its scale after it."""
 
-    def __init__(self, model: nn.Module, run: Run, optim: OptimArgs, train: TrainArgs, max_steps: int):
-        self.model, self.run, self.train_args = model, run, train
+    def __init__(self, model: nn.Module, run: Run, optim: OptimArgs, train: TrainArgs, max_steps: int,
+                 ddp: nn.Module | None = None):
+        self.model, self.run, self.train_args, self.ddp = model, run, train, ddp
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameter (check lora.trainable)")
@@ -267,20 +294,31 @@ class Stepper:
             weights = [1.0] * len(micro_batches)
         if len(weights) != len(micro_batches):
             raise ValueError(f"{len(weights)} weights for {len(micro_batches)} micro-batches")
-        total_weight = float(sum(weights)) or 1.0  # no unit at all: every share is 0
-        total, metrics = 0.0, {}
-        for mb, weight in zip(micro_batches, weights):
+        world = self.run.world
+        total_weight = float(sum(weights))
+        if world.size > 1:  # every rank's units: the step is the mean over the global batch
+            total_weight = float(world.sum(torch.tensor(total_weight, dtype=torch.float64, device=self.run.device)))
+        total_weight = total_weight or 1.0  # no unit at all: every share is 0
+        total, metrics = torch.zeros((), device=self.run.device), {}
+        for i, (mb, weight) in enumerate(zip(micro_batches, weights)):
             share = weight / total_weight
-            with self.run.autocast():
-                loss, m = loss_fn(mb)
-            self.scaler.scale(loss * share).backward()
-            total = total + loss.detach() * share
+            # DDP all-reduces the gradients once per step, after the last micro-batch's backward
+            with self.ddp.no_sync() if self.ddp is not None and i < len(micro_batches) - 1 else nullcontext():
+                with self.run.autocast():
+                    loss, m = loss_fn(mb)
+                # DDP averages the ranks' gradients: times world.size makes it their sum, as one process has it
+                self.scaler.scale(loss * (share * world.size if self.ddp is not None else share)).backward()
+            total = total + loss.detach().float() * share
             for k, v in m.items():
                 v = v.detach()
                 if k.endswith("_max"):
                     metrics[k] = torch.maximum(metrics[k], v) if k in metrics else v
                 else:
                     metrics[k] = metrics.get(k, 0.0) + v * share
+        if world.size > 1:
+            total = world.sum(total)
+            metrics = {k: (world.max(torch.as_tensor(v, device=self.run.device)) if k.endswith("_max") else
+                           world.sum(torch.as_tensor(v, device=self.run.device).float())) for k, v in metrics.items()}
         loss_value = float(total)
         lr = self.scheduler.get_last_lr()[0]
         # always unscale: with fp16 it records the inf check that scaler.update() needs
@@ -341,8 +379,16 @@ def eval_chunks(examples: list, cfg) -> list[list]:
 
 def forward_fn(model: nn.Module, run: Run) -> nn.Module:
     """What the loss calls: the model, or its torch.compile'd twin (same parameters, so
-    the optimizer and checkpoints keep working on `model` itself)."""
-    return torch.compile(model) if run.cfg.train.compile else model
+    the optimizer and checkpoints keep working on `model` itself); under torchrun, through
+    DistributedDataParallel, which averages the gradients over the processes (run.ddp keeps
+    the wrapper for the Stepper's no_sync between micro-batches)."""
+    forward = model
+    if run.world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = run.ddp[model] = DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return torch.compile(forward) if run.cfg.train.compile else forward
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -359,6 +405,12 @@ def restore_models(run: Run, build: dict[str, Callable[[], nn.Module]]) -> dict[
 def save(run: Run, step: int, models: dict[str, nn.Module], stepper: Stepper | dict, extra: dict | None = None):
     """Checkpoint after `step` optimizer steps: models, optimizer(s), schedule, RNG states
     and data position; then keep only the newest train.keep_checkpoints."""
+    # rank 0 writes (every rank holds the same weights); the others wait, and share its error
+    path = run.world.on_main(lambda: _save(run, step, models, stepper, extra))
+    return path if run.world.main else step_dir(checkpoints_of(run.dir), step)
+
+
+def _save(run: Run, step: int, models: dict[str, nn.Module], stepper, extra: dict | None) -> Path:
     steppers = stepper if isinstance(stepper, dict) else {"": stepper}
     if run.tracker is not None:  # the step's scalars on disk before its checkpoint: a resume keeps them
         run.tracker.writer.flush()
@@ -400,7 +452,8 @@ def tracked(run: Run, start: int, header: str):
     progress bar from step `start`, the header (in log.txt once per run), "done" at the end,
     and the tracker closed whatever happens."""
     run.start()
-    run.tracker = tracker = Tracker(run.dir, run.cfg.train.max_steps, start)
+    run.tracker = tracker = (Tracker(run.dir, run.cfg.train.max_steps, start) if run.world.main
+                             else Tracker.silent())
     run.print(f"run folder: {run.dir}\n{header}", log=not start)
     try:
         yield tracker
@@ -408,6 +461,7 @@ def tracked(run: Run, start: int, header: str):
     finally:
         tracker.close()
         run.tracker = None
+        distributed.close()  # under torchrun: the stage leaves the process group as it found it
 
 
 # ------------------------------------------------------------------ the supervised loop
@@ -424,9 +478,13 @@ def fit(run: Run, model: nn.Module, examples: list, collate: Callable, loss_fn: 
     every eval_every, checkpoints every save_every and at the end."""
     t = run.cfg.train
     micro = t.micro_batch_size or t.batch_size
-    stepper = Stepper(model, run, run.cfg.optim, t, t.max_steps)
+    stepper = Stepper(model, run, run.cfg.optim, t, t.max_steps, ddp=run.ddp.get(model))
     stream = BatchStream(len(examples), t.batch_size, t.seed)
+    world = run.world
+    world.share(list(range(t.batch_size)))  # -b must divide evenly: an error before the loop, on every rank
     start = resume_step(run, stepper)
+    if world.rank > 0:  # dropout masks of their own on the other ranks (rank 0 draws as one process does)
+        torch.manual_seed(t.seed + 1_000_003 * world.rank + start)
     header = (f"device {run.device}, {str(run.dtype).replace('torch.', '')}; "
               f"{sum(p.numel() for p in stepper.params):,} trainable parameters of "
               f"{sum(p.numel() for p in model.parameters()):,}; steps {start}..{t.max_steps}")
@@ -434,7 +492,7 @@ def fit(run: Run, model: nn.Module, examples: list, collate: Callable, loss_fn: 
     with tracked(run, start, header) as tracker:
         t0, tokens = time.perf_counter(), 0  # the first tokens/s window counts training only
         for step in range(start, t.max_steps):
-            batch = [examples[i] for i in stream.indices(step)]
+            batch = [examples[i] for i in world.share(stream.indices(step))]  # this rank's share
             collated = [collate(batch[i:i + micro]) for i in range(0, len(batch), micro)]
             weights = [weight_of(mb) for mb in collated]
             micro_batches = [to_device(mb, run.device) for mb in collated]
@@ -444,6 +502,8 @@ def fit(run: Run, model: nn.Module, examples: list, collate: Callable, loss_fn: 
             tracker.progress(1, loss=out["loss"])
             if is_due(done, t.log_every, t.max_steps):
                 elapsed = time.perf_counter() - t0
+                if world.size > 1:  # every rank's tokens
+                    tokens = int(world.sum(torch.tensor(tokens, device=run.device)))
                 values = {"optim/lr": out["lr"], "optim/skipped_steps": stepper.skipped,
                           "time/tokens_per_sec": tokens / elapsed}
                 if not out["skipped"]:  # a skipped step's loss and statistics (NaN, or from NaN) describe no update
@@ -475,10 +535,23 @@ def cli(cls, stage: str, train: Callable, argv: list[str] | None, usage: str):
         if resume is not None:
             cfg0 = load_config(cls, yaml_path, overrides)
             run_dir = find_run(resume, stage, cfg0)
-            print(f"resuming run folder {run_dir}", flush=True)
+            if launched_world().main:
+                print(f"resuming run folder {run_dir}", flush=True)
             saved = load_config(cls, str(run_dir / "config.yaml"), overrides)
             return train(saved, resume=run_dir)
         return train(load_config(cls, yaml_path, overrides))
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the ranks share the pipe
+        sys.stderr.flush()
         raise SystemExit(2) from None
+    except Exception as e:
+        world = launched_world() if os.environ.get("WORLD_SIZE", "1") != "1" else World()
+        if not distributed.lost_peer(e, world):
+            raise
+        sys.stderr.write(f"error: rank {world.rank}: another process failed or stopped answering within "
+                         f"train.dist_timeout seconds (see its own message); {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+    finally:
+        distributed.close()  # under torchrun: leave the process group, whatever happened

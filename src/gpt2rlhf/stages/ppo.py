@@ -524,6 +524,9 @@ class PPOLab:
         (token ids) replace the prompt dataset."""
         self.cfg = cfg
         self.run = run = open_run(cfg, "ppo", resume)
+        if run.world.size > 1:
+            raise ConfigError(f"PPO runs in one process for now ({run.world.size} were started by torchrun); "
+                              f"SFT and the reward model train data-parallel")
         p, t = self.p, self.t = cfg.ppo, cfg.train
         self.enc = enc = get_tokenizer()
         self.sources = sources = model_sources(cfg, run, function_given=reward_fn is not None)

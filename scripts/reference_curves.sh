@@ -10,12 +10,13 @@
 #   may be given as the healthy one instead of training it again). Each variant is a
 #   ppo_ref_<variant>_<time> run in runs/ (or $OUT_DIR); RESUME=1 continues each one's latest run.
 # Draws docs/reference_curves.png (or $PNG): reward, KL, clipfrac, approxkl, ratio max, entropy,
-# explained variance and value loss, every run in its own colour. About 6 minutes per run on 2 CPU cores.
+# explained variance and value loss, every run in its own colour. About 6 minutes per run on 2 CPU cores;
+# MAX_STEPS=60 trains the sick variants for 60 iterations instead of the preset's 120.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$ROOT/src"
 if [ $# -lt 2 ]; then sed -n 2,14p "$0" >&2; exit 2; fi
-SFT=$(realpath "$1"); RM=$(realpath "$2"); HEALTHY="${3:-}"
+SFT=$(realpath "$1"); RM=$(realpath "$2"); HEALTHY="${3:+$(realpath "$3")}"
+cd "$ROOT/src"
 OUT_DIR="${OUT_DIR:-runs}"
 case "$OUT_DIR" in /*) RUNS="$OUT_DIR" ;; *) RUNS="$ROOT/$OUT_DIR" ;; esac
 DATA_DIR="${IMDB_DIR:-$ROOT/../shared/data/imdb}"
@@ -35,9 +36,10 @@ variant() {  # variant <name> <overrides...>: train it (or resume it), print its
   ls -d "$RUNS/ppo_ref_${name}_"[0-9]* | sort -V | tail -1
 }
 if [ -z "$HEALTHY" ]; then HEALTHY=$(variant healthy); fi
-LR10=$(variant lr10x --optim.lr 3e-3 --critic_optim.lr 3e-3)
-NOKL=$(variant nokl --ppo.kl_coef 0 --ppo.adaptive_kl false)
-NONORM=$(variant nonorm --ppo.normalize_reward false)
+STEPS=(); if [ -n "${MAX_STEPS:-}" ]; then STEPS=(--train.max_steps "$MAX_STEPS"); fi
+LR10=$(variant lr10x --optim.lr 3e-3 --critic_optim.lr 3e-3 "${STEPS[@]}")
+NOKL=$(variant nokl --ppo.kl_coef 0 --ppo.adaptive_kl false "${STEPS[@]}")
+NONORM=$(variant nonorm --ppo.normalize_reward false "${STEPS[@]}")
 python ../scripts/plot_curves.py "$HEALTHY" "$LR10" "$NOKL" "$NONORM" \
   --labels "healthy (preset),lr 10x,no KL penalty,no reward normalisation" --columns 4 --window 5 \
   --tags objective/raw_score objective/kl policy/clipfrac policy/approxkl policy/ratio_max objective/entropy \

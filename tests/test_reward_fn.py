@@ -28,13 +28,17 @@ def setup(tmp_path_factory):
     return base, actor, critic, data
 
 
-def ppo_cli(setup, reward, out, *extra, env=None):
+def ppo_args(setup, reward, out, *extra):
     base, actor, critic, data = setup
-    args = ["training/train_ppo.py", "-a", actor, "-c", critic, "--reward", reward, "--data.train", data,
+    return ["-a", actor, "-c", critic, "--reward", reward, "--data.train", data,
             "--data.eval_size", "4", "-b", "8", "--ppo.mini_batch_size", "4", "--ppo.max_new_tokens", "6",
             "--prompts.min_tokens", "2", "--prompts.max_tokens", "6", "--ppo.normalization_samples", "8",
             "--train.max_steps", "2", "--run.out_dir", str(out), *extra]
-    return subprocess.run([sys.executable, *args], cwd=SRC, capture_output=True, text=True, timeout=300, env=env)
+
+
+def ppo_cli(setup, reward, out, *extra, env=None):
+    return subprocess.run([sys.executable, "training/train_ppo.py", *ppo_args(setup, reward, out, *extra)], cwd=SRC,
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_specs_are_told_from_checkpoints():
@@ -102,7 +106,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_callable_is_one_clear_line(setup, tmp_path, case):
+def test_a_bad_callable_is_one_clear_line(setup, tmp_path, case, capsys):
+    """Each case through the command line's own entry (ppo.main, in this process: a
+    subprocess per case would cost seconds of torch import each); the import case also as a
+    real subprocess."""
     (tmp_path / "bad.py").write_text(textwrap.dedent("""
         NUMBER = 3
         def no_args(): return []
@@ -114,13 +121,21 @@ def test_a_bad_callable_is_one_clear_line(setup, tmp_path, case):
     (tmp_path / "broken.py").write_text("undefined_name + 1\n")
     spec, message = BAD[case]
     spec = spec.replace("FILE", str(tmp_path / "bad.py")).replace("BROKEN", str(tmp_path / "broken.py"))
-    done = ppo_cli(setup, spec, tmp_path / "runs")
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    if case == "import":
+        done = ppo_cli(setup, spec, tmp_path / "runs")
+        code, stderr = done.returncode, done.stderr
+    else:
+        from gpt2rlhf.stages import ppo
+
+        with pytest.raises(SystemExit) as exit_:
+            ppo.main(ppo_args(setup, spec, tmp_path / "runs"))
+        code, stderr = exit_.value.code, capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if "error" in line.lower()]  # not the progress bars
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
     import re
     assert re.search(message, lines[0]), lines[0]
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/checkpoints/step_*"))
 
 

@@ -28,8 +28,9 @@ from ..runs import STAGE_SCRIPTS, checkpoints_of, latest_run, new_run_dir, run_o
 from ..config import ConfigError, ModelArgs, OptimArgs, TrainArgs, load_config, parse_cli, resolve_input, \
     resolve_output, save_config, to_dict
 from ..data import BatchStream, DataError
-from ..distributed import World, launched_world
-from .. import distributed
+from ..distributed import World, launched_world, lost_peer
+from ..distributed import close as close_group
+from ..distributed import init as init_group
 from ..lora import LoraConfig, apply_lora
 from ..model import MODEL_CLASSES, PRESETS, GPTConfig, set_dropout
 from ..tokenizer import TokenizerError
@@ -197,7 +198,7 @@ def open_run(cfg, stage: str, resume: str | Path | None = None) -> Run:
     place)."""
     world = launched_world()
     device = pick_device(cfg.train.device, world)
-    distributed.init(world, device, cfg.train.dist_timeout)
+    init_group(world, device, cfg.train.dist_timeout)
     dtype = pick_dtype(cfg.train.dtype, device)
     if device.type == "cpu":
         keep_freed_memory()  # large CPU tensors without page faults (allocator.py)
@@ -461,7 +462,7 @@ def tracked(run: Run, start: int, header: str):
     finally:
         tracker.close()
         run.tracker = None
-        distributed.close()  # under torchrun: the stage leaves the process group as it found it
+        close_group()  # under torchrun: the stage leaves the process group as it found it
 
 
 # ------------------------------------------------------------------ the supervised loop
@@ -546,7 +547,7 @@ def cli(cls, stage: str, train: Callable, argv: list[str] | None, usage: str):
         raise SystemExit(2) from None
     except Exception as e:
         world = launched_world() if os.environ.get("WORLD_SIZE", "1") != "1" else World()
-        if not distributed.lost_peer(e, world):
+        if not lost_peer(e, world):
             raise
         sys.stderr.write(f"error: rank {world.rank}: another process failed or stopped answering within "
                          f"train.dist_timeout seconds (see its own message); {type(e).__name__}: "
@@ -554,4 +555,4 @@ def cli(cls, stage: str, train: Callable, argv: list[str] | None, usage: str):
         sys.stderr.flush()
         raise SystemExit(2) from None
     finally:
-        distributed.close()  # under torchrun: leave the process group, whatever happened
+        close_group()  # under torchrun: leave the process group, whatever happened

@@ -56,6 +56,21 @@ class World:
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Every rank's `value` (the same shape on each) concatenated along dim 0 in rank
+        order: with contiguous shares, the global batch's rows in their 1-process order."""
+        if self.size == 1:
+            return value
+        parts = [torch.empty_like(value) for _ in range(self.size)]
+        dist.all_gather(parts, value.contiguous())
+        return torch.cat(parts)
+
+    def all(self, flags: torch.Tensor) -> bool:
+        """Whether `flags` are all true on every rank (one small all-reduce)."""
+        if self.size == 1:
+            return bool(flags.all())
+        return not bool(self.max((~flags).any().to(torch.int32)))
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (a picklable object)."""
         if self.size == 1:

@@ -12,6 +12,7 @@ top-p filtering: the same quantity PPO recomputes under the policy (lm-human-pre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    all_finished: Callable[[torch.Tensor], bool] | None = None,
 ) -> Generation:
     """Sample up to `max_new_tokens` for each row of a left-padded batch.
 
@@ -111,6 +113,13 @@ def generate(
     The model's train/eval mode is left as the caller set it (RLHF wants eval: no dropout).
     `cuda_graph` (default: on for CUDA tensors) replays decode steps as a CUDA graph; on
     CPU it runs the same fixed-shape step without capture.
+    `all_finished(finished)` says when to stop early, given this batch's finished rows
+    (default: when they are all finished). Processes that decode in lockstep pass one
+    that asks every process (distributed.World.all): a process whose rows all ended keeps
+    stepping, padding, until every process is done, so each runs the same number of
+    forward passes (a sharded model gathers its weights in every one: a process that
+    stopped early would leave the others waiting in that collective) and every process's
+    responses have the same width.
     """
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
         raise ValueError(f"need 0 <= min_new_tokens ({min_new_tokens}) <= max_new_tokens ({max_new_tokens}), max >= 1")
@@ -154,7 +163,7 @@ def generate(
         mask[:, t] = alive.long()
         if eos_token_id is not None:
             finished |= next_token == eos_token_id
-            if bool(finished.all()):
+            if all_finished(finished) if all_finished is not None else bool(finished.all()):
                 break
         if t + 1 < max_new_tokens:
             if decoder is not None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError
@@ -45,6 +46,7 @@ from ..loading import load, load_reward_model
 from ..runs import is_run_folder, resolve_run
 from ..config import ConfigError, PPOArgs, PPOConfig, load_config, resolve_input
 from ..data import BatchStream, left_pad, prompt_examples, train_eval_records
+from ..distributed import World
 from ..generation import generate
 from ..lora import adapters_disabled
 from ..losses import ppo_policy_loss, ppo_value_loss
@@ -106,11 +108,14 @@ def eos_id(model) -> int | None:
 
 
 @torch.no_grad()
-def rollout(actor, query, query_mask, p: PPOArgs) -> Rollouts:
+def rollout(actor, query, query_mask, p: PPOArgs, world: World = World()) -> Rollouts:
+    """Under torchrun every rank samples its share of the prompts, and all ranks take the
+    same number of decode steps (generate's all_finished): a rank whose rows all ended
+    keeps stepping until every rank's have, so the responses have one width everywhere."""
     eos = eos_id(actor)
     out = generate(actor, query, query_mask, max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=eos,
-                   pad_token_id=eos if eos is not None else 0)
+                   pad_token_id=eos if eos is not None else 0, all_finished=world.all if world.size > 1 else None)
     return Rollouts(query, query_mask, out.tokens, out.mask)
 
 
@@ -186,19 +191,23 @@ def has_eos(r: Rollouts) -> torch.Tensor:
     return ((r.response == EOT_TOKEN) & r.response_mask.bool()).any(1)
 
 
-def score(r: Rollouts, score_fn, p: PPOArgs, gain: float, bias: float, done: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw, shaped) scores of one rollout batch; a non-finite raw score stops the run."""
+def score(r: Rollouts, score_fn, p: PPOArgs, gain: float, bias: float, done: int,
+          world: World = World()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, shaped) scores of one rollout batch; a non-finite raw score stops the run
+    (checked over every rank's scores, so that every rank stops with the same message)."""
     raw = score_fn(r)
-    check_scores(raw, done)
+    check_scores(world.gather(raw), done)
     return raw, shape_scores(raw, r, p, gain, bias)
 
 
 @torch.no_grad()
-def normalisation(actor, score_fn, batches, p: PPOArgs) -> tuple[float, float, int, str | None]:
+def normalisation(actor, score_fn, batches, p: PPOArgs, world: World = World()) -> tuple[float, float, int, str | None]:
     """(gain, bias, rollouts scored, warning): the affine map that gives the starting
     policy's raw scores mean 0 and std 1, from rollouts of the (prompts, mask) batches;
-    computed once, before the first iteration (lm-human-preferences' reward normalisation)."""
-    raw = torch.cat([score_fn(rollout(actor, q, m, p)) for q, m in batches])
+    computed once, before the first iteration (lm-human-preferences' reward normalisation).
+    Under torchrun each rank rolls out its share of every batch, and the statistics are
+    those of all the ranks' scores together."""
+    raw = world.gather(torch.cat([score_fn(rollout(actor, q, m, p, world)) for q, m in batches]))
     check_scores(raw, None)
     try:
         gain, bias, warning = reward_normalisation(raw)
@@ -209,17 +218,33 @@ def normalisation(actor, score_fn, batches, p: PPOArgs) -> tuple[float, float, i
 
 # ------------------------------------------------------------------ 3. logprobs, values
 
-def response_logprobs(model, r: Rollouts, p: PPOArgs, with_entropy: bool = False):
+class ResponseLogits(nn.Module):
+    """A language model's fp32 logits at the positions that predict the response tokens:
+    position Tq-1+t predicts response token t, so only those hidden states go through the
+    LM head (model.fp32_logits). A module of its own so that, under torchrun, the actor's
+    loss runs through DistributedDataParallel's forward (DDP averages the gradients of what
+    its forward ran); its parameters are the language model's."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        hidden = self.lm.transformer(ids, attention_mask=mask)[:, prompt_width - 1: -1]  # (B, Tr, C)
+        return self.lm.fp32_logits(hidden)  # (B, Tr, V)
+
+
+def response_logprobs(model, r: Rollouts, p: PPOArgs, with_entropy: bool = False, logits_of: nn.Module | None = None):
     """(logprobs (B, Tr), entropy (B, Tr) or None) of the response tokens under `model`.
 
-    Position Tq-1+t predicts response token t, so only those hidden states go through the
-    LM head, which runs in fp32 (model.fp32_logits). The distribution is the one the
-    tokens were sampled from: logits / temperature, EOS impossible before min_new_tokens
-    (rl.sampling_logits_, in place on the head's fresh output). The entropy builds an
-    autograd graph only when it is in the loss (ppo.entropy_coef > 0)."""
+    The logits are ResponseLogits' (or `logits_of`'s: the same module wrapped by DDP). The
+    distribution is the one the tokens were sampled from: logits / temperature, EOS
+    impossible before min_new_tokens (rl.sampling_logits_, in place on the head's fresh
+    output). The entropy builds an autograd graph only when it is in the loss
+    (ppo.entropy_coef > 0)."""
     ids, mask = r.sequences()
-    hidden = model.transformer(ids, attention_mask=mask)[:, r.query.size(1) - 1: -1]  # (B, Tr, C)
-    logits = sampling_logits_(model.fp32_logits(hidden), p.temperature, eos_id(model), p.min_new_tokens)
+    logits = (logits_of or ResponseLogits(model))(ids, mask, r.query.size(1))
+    logits = sampling_logits_(logits, p.temperature, eos_id(model), p.min_new_tokens)
     logp = F.log_softmax(logits, dim=-1)  # (B, Tr, V)
     del logits  # log_softmax saves its output, not its input: one B x Tr x V tensor fewer at the peak
     logprobs = logp.gather(-1, r.response[..., None]).squeeze(-1)
@@ -236,7 +261,8 @@ def response_values(critic, r: Rollouts) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs) -> tuple[Rollouts, dict]:
+def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs,
+                        world: World = World()) -> tuple[Rollouts, dict]:
     """(the rollouts with the actor's log-probs, the reference's log-probs and the critic's
     values filled in, {"objective/entropy": the mean entropy per response token of the
     policy the rollouts were sampled from}); reference None means the actor with its LoRA
@@ -255,7 +281,12 @@ def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs) -> tu
     logprobs, entropy = torch.cat([lp for lp, _ in chunks]), torch.cat([h for _, h in chunks])
     ref_logprobs = in_chunks(reference_logprobs, r, size)
     values = in_chunks(lambda c: response_values(critic, c), r, size)
-    stats = {"objective/entropy": float(masked_mean(entropy, r.response_mask))}
+    mask = r.response_mask.float()
+    if world.size == 1:
+        stats = {"objective/entropy": float(masked_mean(entropy, mask))}
+    else:  # the mean over every rank's response tokens
+        total = world.sum(torch.stack([(entropy * mask).sum(), mask.sum()]).double())
+        stats = {"objective/entropy": float(total[0] / total[1])}
     return dataclasses.replace(r, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values), stats
 
 
@@ -299,13 +330,32 @@ def advantages(r: Rollouts, score, ref_logprobs, beta: float, p: PPOArgs) -> tup
                "val/explained_variance": explained_variance(r.values, returns, mask)}
 
 
+def advantages_across(r: Rollouts, score, ref_logprobs, beta: float, p: PPOArgs,
+                      world: World) -> tuple[Rollouts, dict]:
+    """advantages() under torchrun: every rank gathers the per-token data of the whole
+    batch (a few floats per token), runs the 1-process computation on it and keeps its
+    own rows. So the advantage whitening, the KL that the adaptive controller sees and
+    every logged statistic are those of the global batch, exactly as one process computes
+    them from the union of the ranks' rollouts."""
+    if world.size == 1:
+        return advantages(r, score, ref_logprobs, beta, p)
+    rows = slice(world.rank * r.response.size(0), (world.rank + 1) * r.response.size(0))
+    whole = Rollouts(r.query[:0], r.query_mask[:0], *(world.gather(x) for x in (r.response, r.response_mask)),
+                     logprobs=world.gather(r.logprobs), values=world.gather(r.values))
+    whole, stats = advantages(whole, world.gather(score), world.gather(ref_logprobs), beta, p)
+    return dataclasses.replace(r, score=score, ref_logprobs=ref_logprobs, kl=whole.kl[rows],
+                               rewards=whole.rewards[rows], advantages=whole.advantages[rows],
+                               returns=whole.returns[rows]), stats
+
+
 # ------------------------------------------------------------------ 5. update
 
-def policy_loss(actor, mb: Rollouts, p: PPOArgs):
+def policy_loss(actor, mb: Rollouts, p: PPOArgs, logits_of: nn.Module | None = None):
     """The actor's loss on one micro-batch: clipped surrogate, minus the entropy bonus
     when ppo.entropy_coef > 0 (the entropy is then computed here, with its gradient, and
-    logged as policy/entropy; at 0 only the rollout's objective/entropy is logged)."""
-    logprobs, entropy = response_logprobs(actor, mb, p, with_entropy=p.entropy_coef > 0)
+    logged as policy/entropy; at 0 only the rollout's objective/entropy is logged).
+    `logits_of`: the actor's ResponseLogits wrapped by DDP, under torchrun."""
+    logprobs, entropy = response_logprobs(actor, mb, p, with_entropy=p.entropy_coef > 0, logits_of=logits_of)
     pg_loss, s = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, p.clip_range)
     if entropy is None:
         return pg_loss, s
@@ -328,7 +378,8 @@ UPDATE_TAGS = {"loss/policy": ("a", "loss"), "loss/value": ("c", "vf_loss"), "po
 
 
 def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, critic_stepper: Stepper,
-               micro_batch_size: int) -> dict:
+               micro_batch_size: int, world: World = World(), actor_ddp: nn.Module | None = None,
+               critic_ddp: nn.Module | None = None) -> dict:
     """ppo_epochs passes over the rollouts in shuffled minibatches; in each, one actor and
     one critic optimizer step (gradient accumulation over micro-batches, each weighted by
     its valid tokens, so a step does not depend on the micro-batch size).
@@ -337,20 +388,27 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
     counted in optim/skipped_steps, not averaged in as NaN); policy/ratio_max is the
     largest ratio of any valid token. With ppo.target_approxkl, no further epoch starts once
     an epoch's mean approxkl exceeds it (cleanrl's target_kl and TRL's early_stopping also
-    stop between epochs)."""
+    stop between epochs).
+
+    Under torchrun each rank shuffles its own rows and takes ppo.mini_batch_size / N of
+    them per minibatch (the global minibatch is the union; every rank makes the same
+    number of steps); DDP averages the gradients, the Stepper weighs each rank's tokens
+    in the global total, and the statistics come back reduced over the ranks, so every
+    rank takes the same early-stop decision."""
     B = r.query.size(0)
+    mini_batch_size = p.mini_batch_size // world.size
     stats: dict[str, list[float]] = {}
     lr = actor_stepper.scheduler.get_last_lr()[0]
     updates, early_stop = 0, False
     for _ in range(p.ppo_epochs):
         order = torch.randperm(B, device=r.query.device)
         epoch_kl = []
-        for start in range(0, B, p.mini_batch_size):
-            idx = order[start:start + p.mini_batch_size]
+        for start in range(0, B, mini_batch_size):
+            idx = order[start:start + mini_batch_size]
             micro = [r.select(idx[i:i + micro_batch_size]) for i in range(0, len(idx), micro_batch_size)]
             tokens = [float(mb.response_mask.sum()) for mb in micro]
-            a = actor_stepper.step(micro, lambda mb: policy_loss(actor, mb, p), tokens)
-            c = critic_stepper.step(micro, lambda mb: value_loss(critic, mb, p), tokens)
+            a = actor_stepper.step(micro, lambda mb: policy_loss(actor, mb, p, actor_ddp), tokens)
+            c = critic_stepper.step(micro, lambda mb: value_loss(critic_ddp or critic, mb, p), tokens)
             updates += 1
             for tag, (side, key) in UPDATE_TAGS.items():
                 out = a if side == "a" else c
@@ -370,9 +428,13 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
 
 # ------------------------------------------------------------------ 6. log
 
-def iteration_stats(r: Rollouts, beta: float, seconds: dict[str, float]) -> dict:
+def iteration_stats(r: Rollouts, beta: float, seconds: dict[str, float], world: World = World()) -> dict:
     """The rollout side of an iteration's scalars (the update adds its own): scores,
-    beta, lengths, the share without EOS, and the time of each phase."""
+    beta, lengths, the share without EOS, and the time of each phase (rank 0's); under
+    torchrun over every rank's rollouts."""
+    if world.size > 1:
+        r = Rollouts(r.query[:0], r.query_mask[:0], world.gather(r.response), world.gather(r.response_mask),
+                     raw_score=world.gather(r.raw_score), score=world.gather(r.score))
     return {"objective/raw_score": float(r.raw_score.mean()), "objective/score": float(r.score.mean()),
             "objective/kl_coef": beta, "objective/response_length": float(r.response_mask.sum(1).float().mean()),
             "objective/no_eos_share": float((~has_eos(r)).float().mean()),
@@ -524,10 +586,11 @@ class PPOLab:
         (token ids) replace the prompt dataset."""
         self.cfg = cfg
         self.run = run = open_run(cfg, "ppo", resume)
-        if run.world.size > 1:
-            raise ConfigError(f"PPO runs in one process for now ({run.world.size} were started by torchrun); "
-                              f"SFT and the reward model train data-parallel")
         p, t = self.p, self.t = cfg.ppo, cfg.train
+        self.world = world = run.world
+        for what, n in (("train.batch_size (-b)", t.batch_size), ("ppo.mini_batch_size", p.mini_batch_size)):
+            if n % world.size:  # every rank holds an equal share of each batch and minibatch
+                raise ConfigError(f"{what} ({n}) must be divisible by the number of processes ({world.size})")
         self.enc = enc = get_tokenizer()
         self.sources = sources = model_sources(cfg, run, function_given=reward_fn is not None)
         if reward_fn is None and sources.get("reward_fn"):
@@ -545,8 +608,9 @@ class PPOLab:
             run.print(stats.report(), log=run.checkpoint is None)
         self.prompts = prompts
 
-        self.micro_batch_size = t.micro_batch_size or p.mini_batch_size
+        self.micro_batch_size = t.micro_batch_size or p.mini_batch_size // world.size  # rows per forward, per rank
         updates_per_iter = p.ppo_epochs * math.ceil(t.batch_size / p.mini_batch_size)
+        self.actor_ddp = self.critic_ddp = None  # under torchrun: DDP around the actor's loss forward and the critic
         self.actor_stepper = Stepper(self.actor, run, cfg.optim, t, t.max_steps * updates_per_iter)
         self.critic_stepper = Stepper(self.critic, run, cfg.critic_optim, t, t.max_steps * updates_per_iter)
         self.steppers = {"actor_": self.actor_stepper, "critic_": self.critic_stepper}
@@ -561,16 +625,24 @@ class PPOLab:
             self.kl_ctl.load_state_dict(run.state["kl_ctl"])
         elif p.normalize_reward:
             sampler = BatchStream(len(prompts), t.batch_size, t.seed + 1)
+            self.rank_seed(-1)
             with run.autocast():
                 self.gain, self.bias, n, warning = normalisation(
                     self.actor, self.score_fn, (self.batch_of(i, sampler) for i in range(
-                        math.ceil(p.normalization_samples / t.batch_size))), p)
+                        math.ceil(p.normalization_samples / t.batch_size))), p, world)
             run.print(f"reward normalisation from {n} rollouts: gain {self.gain:.4f}, bias {self.bias:.4f}"
                       + (f"\nwarning: {warning}" if warning else ""))
         else:
             self.gain, self.bias = 1.0, 0.0
         if run.checkpoint is None and sources["reward"] is not None and sources["reward"] == sources["critic"]:
             fold_normalisation(self.critic, self.gain, self.bias)  # critic on the returns' scale (issue 11)
+        if world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [run.device.index] if run.device.type == "cuda" else None
+            self.actor_ddp = DDP(ResponseLogits(self.actor), device_ids=ids)
+            self.critic_ddp = DDP(self.critic, device_ids=ids)
+            self.actor_stepper.ddp, self.critic_stepper.ddp = self.actor_ddp, self.critic_ddp
         self.iteration = resume_step(run, self.steppers)  # iterations done
         self.query = self.query_mask = self.rollouts = None
         self.beta, self.logs, self.seconds = self.kl_ctl.value, {}, {}
@@ -612,10 +684,19 @@ class PPOLab:
     # ---------------------------------------------------------------- the phases
 
     def batch_of(self, step: int, source: BatchStream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The left-padded prompts (ids, mask) of iteration `step` (0-based) of a prompt stream."""
-        q, m = left_pad([self.prompts[i] for i in (source or self.stream).indices(step)],
+        """The left-padded prompts (ids, mask) of iteration `step` (0-based) of a prompt
+        stream: this rank's contiguous share of them under torchrun."""
+        q, m = left_pad([self.prompts[i] for i in self.world.share((source or self.stream).indices(step))],
                         pad=eos_id(self.actor) or 0)
         return q.to(self.run.device), m.to(self.run.device)
+
+    def rank_seed(self, iteration: int):
+        """Under torchrun, ranks other than 0 sample with a seed of their own for each
+        iteration (-1: the reward normalisation), so that they draw different samples and a
+        resumed run draws again what it would have drawn; rank 0 keeps the one random
+        stream that a 1-process run has, saved in its checkpoints."""
+        if self.world.rank > 0:
+            torch.manual_seed(self.t.seed + 1_000_003 * self.world.rank + 7_919 * (iteration + 1))
 
     def sample_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """0. This iteration's batch of prompts (train.batch_size of them, each epoch of
@@ -624,6 +705,7 @@ class PPOLab:
             raise RuntimeError("call lab.log() first: this iteration's update ran, and log() completes it")
         t0 = time.perf_counter()
         self.rollouts, self.logs, self.seconds = None, {}, {}
+        self.rank_seed(self.iteration)
         self.query, self.query_mask = self.batch_of(self.iteration)
         self.seconds["generation"] = time.perf_counter() - t0
         self.phase = "sample_prompts"
@@ -634,7 +716,7 @@ class PPOLab:
         self._after("sample_prompts", "rollout")
         t0 = time.perf_counter()
         with self.run.autocast():
-            self.rollouts = rollout(self.actor, self.query, self.query_mask, self.p)
+            self.rollouts = rollout(self.actor, self.query, self.query_mask, self.p, self.world)
         self.seconds["generation"] += time.perf_counter() - t0
         self.phase = "rollout"
         return self.rollouts
@@ -645,7 +727,8 @@ class PPOLab:
         self._after("rollout", "score")
         t0 = time.perf_counter()
         with torch.no_grad(), self.run.autocast():
-            raw, shaped = score(self.rollouts, self.score_fn, self.p, self.gain, self.bias, self.iteration)
+            raw, shaped = score(self.rollouts, self.score_fn, self.p, self.gain, self.bias, self.iteration,
+                                self.world)
         self.rollouts = dataclasses.replace(self.rollouts, raw_score=raw, score=shaped)
         self.seconds["scoring"] = time.perf_counter() - t0
         self.phase = "score"
@@ -657,7 +740,7 @@ class PPOLab:
         t0 = time.perf_counter()
         with torch.no_grad(), self.run.autocast():
             self.rollouts, stats = logprobs_and_values(self.rollouts, self.actor, self.reference, self.critic,
-                                                       self.p)
+                                                       self.p, self.world)
         self.logs.update(stats)
         self.seconds["scoring"] += time.perf_counter() - t0
         self.phase = "logprobs_and_values"
@@ -668,8 +751,8 @@ class PPOLab:
         self._after("logprobs_and_values", "advantages")
         t0 = time.perf_counter()
         self.beta = self.kl_ctl.value  # this iteration's KL coefficient: used, logged, then adapted
-        self.rollouts, stats = advantages(self.rollouts, self.rollouts.score, self.rollouts.ref_logprobs,
-                                          self.beta, self.p)
+        self.rollouts, stats = advantages_across(self.rollouts, self.rollouts.score, self.rollouts.ref_logprobs,
+                                                 self.beta, self.p, self.world)
         self.logs.update(stats)
         self.seconds["scoring"] += time.perf_counter() - t0
         self.phase = "advantages"
@@ -680,7 +763,7 @@ class PPOLab:
         self._after("advantages", "update")
         t0 = time.perf_counter()
         stats = ppo_update(self.actor, self.critic, self.rollouts, self.p, self.actor_stepper, self.critic_stepper,
-                           self.micro_batch_size)
+                           self.micro_batch_size, self.world, self.actor_ddp, self.critic_ddp)
         self.logs.update(stats)
         self.seconds["update"] = time.perf_counter() - t0
         self.phase = "update"
@@ -700,13 +783,13 @@ class PPOLab:
         self._after("update", "log")
         r, done = self.rollouts, self.iteration + 1
         self.kl_ctl.update(self.logs["objective/kl"], self.t.batch_size)
-        self.logs.update(iteration_stats(r, self.beta, self.seconds),
+        self.logs.update(iteration_stats(r, self.beta, self.seconds, self.world),
                          **{"optim/skipped_steps": self.actor_stepper.skipped + self.critic_stepper.skipped})
         tracker = self.open()
         tracker.scalars(done, self.logs)
         tracker.progress(1, score=self.logs["objective/raw_score"], kl=self.logs["objective/kl"])
-        if self.p.sample_every and (done % self.p.sample_every == 0 or done == 1):
-            self.run.print(samples_text(done, r, self.logs, self.enc))
+        if self.p.sample_every and (done % self.p.sample_every == 0 or done == 1) and self.world.main:
+            self.run.print(samples_text(done, r, self.logs, self.enc))  # rank 0's rows: the batch's first
             self.save_rollouts(done)
         self.iteration = done
         self.phase = "log"

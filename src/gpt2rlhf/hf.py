@@ -8,6 +8,7 @@ stored (in, out); ours are nn.Linear, (out, in): those four are transposed both 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from .files import CheckpointError, load_state_checked, read_json, read_safetensors
 from .lora import merged_state_dict
 from .model import GPT, MODEL_CLASSES, GPTConfig
+from .tokenizer import bpe_files
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
@@ -130,10 +132,15 @@ def from_pretrained(name_or_path: str | Path, kind: str = "lm", new_head: bool =
     return model
 
 
-def export_hf(model: GPT, folder: str | Path):
+def export_hf(model: GPT, folder: str | Path, tokenizer: bool = True):
     """Write `model` as a Hugging Face GPT2LMHeadModel folder (config.json +
     model.safetensors) that `transformers` loads unchanged. LoRA adapters are folded in
-    (one on a tied LM head unties it in the export); the model itself is not modified."""
+    (one on a tied LM head unties it in the export); the model itself is not modified.
+
+    With `tokenizer` (and GPT-2's vocabulary), the folder also gets GPT-2's tokenizer
+    files (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) and
+    generation_config.json: the standard folder that AutoTokenizer, vLLM, verl and
+    OpenRLHF read, with no hub access."""
     if not isinstance(model, GPT):
         raise TypeError(f"export_hf writes language models (GPT), not {type(model).__name__}")
     if not model.config.bias:
@@ -160,4 +167,21 @@ def export_hf(model: GPT, folder: str | Path):
         "tie_word_embeddings": tied, "torch_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
     }
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer and eot is not None:
+        write_tokenizer(folder, c.block_size)
     return folder
+
+
+def write_tokenizer(folder: Path, max_length: int):
+    """GPT-2's tokenizer as Hugging Face writes it: vocab.json and merges.txt are the BPE
+    files tiktoken uses (encoder.json, vocab.bpe) under their Hugging Face names; the
+    end-of-text token is BOS, EOS and UNK, as in the hub's gpt2 folder."""
+    files = bpe_files()
+    shutil.copyfile(files["encoder.json"], folder / "vocab.json")
+    shutil.copyfile(files["vocab.bpe"], folder / "merges.txt")
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
+              "add_bos_token": False, "clean_up_tokenization_spaces": False, **special}
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special),
+                          ("generation_config.json", {"bos_token_id": 50256, "eos_token_id": 50256})):
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")

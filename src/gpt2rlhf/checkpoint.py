@@ -9,6 +9,9 @@ A checkpoint is a folder:
                              its kind ("lm" | "scalar"), GPTConfig and LoraConfig
         <name>.safetensors   weights of each model ("model", or "actor" and "critic")
         trainer_state.pt     optimizer, scheduler, RNG states, step, data position (optional)
+        optimizer/           (a sharded run, train.parallel fsdp) the optimizer state in
+                             shards, torch.distributed.checkpoint's format, instead of in
+                             trainer_state.pt: it reads back on any number of processes
 
 It rebuilds its models alone: no pickled classes. It is written under a temporary name
 (.step_X.tmp-PID) and renamed into place only when complete and synced, so a crash or a
@@ -50,7 +53,7 @@ VERSION = 1
 META_FILE = "checkpoint.json"
 STATE_FILE = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-LEFTOVER = re.compile(r"^\.(step_\d+)\.(tmp|old|del)-\d+$")  # a killed save's or prune's folder
+LEFTOVER = re.compile(r"^\.(step_\d+)\.(tmp|old|del|shards)-\d+$")  # a killed save's or prune's folder
 KIND_NAMES = {"lm": "a language model", "scalar": "a scalar-head (reward or value) model"}
 
 
@@ -114,19 +117,23 @@ def model_entry(model: nn.Module) -> dict:
     return {"kind": model.kind, "model": model.config.to_dict(), "lora": lora.to_dict() if lora else None}
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+def model_tensors(model: nn.Module, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights to write: model.state_dict(), or `sd` (a sharded model's, gathered)."""
+    sd = dict(model.state_dict() if sd is None else sd)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
 def save_checkpoint(path: str | Path, models: dict[str, nn.Module], metadata: dict | None = None,
-                    trainer_state: dict | None = None) -> Path:
+                    trainer_state: dict | None = None, tensors: dict[str, dict] | None = None,
+                    folders: dict[str, Path] | None = None) -> Path:
     """Write a checkpoint folder atomically: everything goes to a temporary folder beside
     it, which is renamed to `path` once complete and synced to disk. A failed write (a
     full disk) removes the temporary folder and raises CheckpointError; the checkpoints
-    already there are untouched."""
+    already there are untouched. `tensors`: {model name: its whole state dict} for models
+    whose own state_dict() is sharded; `folders`: {name: a folder already written (sharded
+    optimizer state)} moved in under that name, its files digested with the rest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -135,14 +142,18 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], metadata: di
     try:
         tmp.mkdir()
         for name, model in models.items():
-            save_file(model_tensors(model), str(tmp / f"{name}.safetensors"))
+            save_file(model_tensors(model, (tensors or {}).get(name)), str(tmp / f"{name}.safetensors"))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
-        files = {f.name: file_digest(f) for f in sorted(tmp.iterdir())}
+        for name, folder in (folders or {}).items():
+            shutil.move(str(folder), str(tmp / name))
+            if not any(folder.parent.iterdir()):
+                folder.parent.rmdir()  # the emptied staging folder
+        files = {f.relative_to(tmp).as_posix(): file_digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         meta = {"format": FORMAT, "version": VERSION, **(metadata or {}),
                 "models": {name: model_entry(m) for name, m in models.items()}, "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        for f in tmp.iterdir():
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files, then the folders that hold them
             _fsync(f)
         _fsync(tmp)
         if path.exists():  # overwriting: move the old one aside first, delete it last
@@ -154,6 +165,8 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], metadata: di
     # ("unexpected pos"), the rest as OSError: a full disk can surface as any of them
     except (OSError, SafetensorError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in (folders or {}).values():  # staged shards not moved in yet
+            shutil.rmtree(folder.parent, ignore_errors=True)
         if old is not None and not path.exists():
             old.rename(path)  # the swap failed half-way: the old checkpoint goes back
         text = str(e)
@@ -240,7 +253,7 @@ def clean_checkpoints(checkpoints: str | Path) -> list[str]:
             done.append(f"restored {target.name} from an interrupted overwrite")
         else:
             shutil.rmtree(p, ignore_errors=True)
-            done.append(f"removed {p.name}, left by an interrupted {'save' if m.group(2) == 'tmp' else 'delete'}")
+            done.append(f"removed {p.name}, left by an interrupted {'delete' if m.group(2) == 'del' else 'save'}")
     return done
 
 

@@ -228,6 +228,10 @@ class TrainArgs:
     dist_timeout: float = 600.0
     """Under torchrun: seconds a collective waits for the other processes before it fails
     (a rank that died or hangs ends the run with an error on every rank, not a hang)."""
+    parallel: str = "ddp"
+    """Under torchrun (SFT, RM): ddp (each process holds the whole model; gradients averaged)
+    | fsdp (FSDP2: parameters, gradients and optimizer state sharded across the processes,
+    for full fine-tuning of gpt2-large / gpt2-xl; LoRA runs and PPO use ddp). One process: ignored."""
 
     def __post_init__(self):
         mb = self.micro_batch_size or self.batch_size
@@ -240,6 +244,8 @@ class TrainArgs:
             raise ConfigError(f"train.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if not self.dist_timeout > 0:
             raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
 
     @property
     def grad_accum(self) -> int:

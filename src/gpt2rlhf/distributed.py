@@ -151,3 +151,81 @@ def close() -> None:
     """Leave the process group (at the end of a stage, or after an error on this rank)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ FSDP2: sharded full fine-tuning
+
+def shard(model: torch.nn.Module, world: World, device: torch.device, param_dtype: torch.dtype) -> torch.nn.Module:
+    """Shard `model` in place across the processes with FSDP2 (`fully_shard`): each
+    process keeps 1/N of every parameter, of its gradient and of the optimizer state;
+    each transformer block's weights are gathered just before it runs and freed after
+    (the root keeps the embeddings, the final norm and the heads). For full fine-tuning of
+    the large sizes, where a whole copy per process (DDP) does not fit: gpt2-xl is 1.5B
+    parameters, 24 GB with fp32 AdamW. Mixed precision: the gathered weights are cast to
+    `param_dtype` for compute, gradients reduced in fp32. The optimizer must be made after."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was sharded by shard() (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_value(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective), a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole weights, gathered on every rank's CPU (a collective: every
+    rank calls it); for a checkpoint every tool can read on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                broadcast_from_rank0=False))
+
+
+def save_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder) -> None:
+    """The optimizer state with torch.distributed.checkpoint (DCP): each rank writes its
+    own shard, rank 0 the metadata that lets any number of processes (one included) read
+    it back resharded. A collective: every rank calls it with the same folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder=None,
+                   state: dict | None = None) -> None:
+    """Load optimizer state saved by save_optimizer_shards (`folder`, on any number of
+    processes) or by optimizer.state_dict() in one process (`state`), into the optimizer of
+    a model that is sharded or not: DCP reshards the saved state onto this process's
+    parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if folder is not None:
+        target = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(target, checkpoint_id=str(folder))  # one process: DCP reads every shard
+        set_optimizer_state_dict(model, optimizer, target["optimizer"])
+        return
+    # one process's optimizer.state_dict(): parameters numbered in the order of the param
+    # groups, the order every process builds them in; by name, then sharded
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {order[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

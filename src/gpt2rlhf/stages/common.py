@@ -28,7 +28,8 @@ from ..runs import STAGE_SCRIPTS, checkpoints_of, latest_run, new_run_dir, run_o
 from ..config import ConfigError, ModelArgs, OptimArgs, TrainArgs, load_config, parse_cli, resolve_input, \
     resolve_output, save_config, to_dict
 from ..data import BatchStream, DataError
-from ..distributed import World, launched_world, lost_peer
+from ..distributed import (World, full_state_dict, full_value, is_sharded, launched_world, load_optimizer, lost_peer,
+                           save_optimizer_shards, shard)
 from ..distributed import close as close_group
 from ..distributed import init as init_group
 from ..lora import LoraConfig, apply_lora
@@ -304,10 +305,11 @@ class Stepper:
         for i, (mb, weight) in enumerate(zip(micro_batches, weights)):
             share = weight / total_weight
             # DDP all-reduces the gradients once per step, after the last micro-batch's backward
-            with self.ddp.no_sync() if self.ddp is not None and i < len(micro_batches) - 1 else nullcontext():
+            # (FSDP2 reduce-scatters after every micro-batch: accumulated sharded, the gradients stay 1/N in size)
+            with self.ddp.no_sync() if hasattr(self.ddp, "no_sync") and i < len(micro_batches) - 1 else nullcontext():
                 with self.run.autocast():
                     loss, m = loss_fn(mb)
-                # DDP averages the ranks' gradients: times world.size makes it their sum, as one process has it
+                # DDP (and FSDP) average the ranks' gradients: times world.size makes it their sum, as one process has it
                 self.scaler.scale(loss * (share * world.size if self.ddp is not None else share)).backward()
             total = total + loss.detach().float() * share
             for k, v in m.items():
@@ -324,7 +326,7 @@ class Stepper:
         lr = self.scheduler.get_last_lr()[0]
         # always unscale: with fp16 it records the inf check that scaler.update() needs
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
+        grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.scaler.step(self.optimizer)
@@ -346,12 +348,23 @@ class Stepper:
                 **{k: float(v) for k, v in metrics.items()}}
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "bad_in_row": self.bad_in_row, "skipped": self.skipped}
+        """What a checkpoint's trainer_state keeps of the step; a sharded model's optimizer
+        state is written apart, in shards (save())."""
+        state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "bad_in_row": self.bad_in_row, "skipped": self.skipped}
+        return state if is_sharded(self.model) else {"optimizer": self.optimizer.state_dict(), **state}
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict, shards: Path | None = None):
+        """`shards`: the checkpoint's folder of optimizer shards, when a sharded (FSDP) run
+        saved it; either form loads into a sharded model or a whole one, on any number of
+        processes."""
         fused = [g.get("fused") for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if shards is not None and shards.is_dir():
+            load_optimizer(self.model, self.optimizer, folder=shards)
+        elif is_sharded(self.model):
+            load_optimizer(self.model, self.optimizer, state=state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         for g, f in zip(self.optimizer.param_groups, fused):  # the kernel this device runs, not the saver's
             g["fused"] = f
         self.scheduler.load_state_dict(state["scheduler"])
@@ -382,9 +395,21 @@ def forward_fn(model: nn.Module, run: Run) -> nn.Module:
     """What the loss calls: the model, or its torch.compile'd twin (same parameters, so
     the optimizer and checkpoints keep working on `model` itself); under torchrun, through
     DistributedDataParallel, which averages the gradients over the processes (run.ddp keeps
-    the wrapper for the Stepper's no_sync between micro-batches)."""
+    the wrapper for the Stepper's no_sync between micro-batches), or with train.parallel
+    fsdp the model itself sharded in place by FSDP2 (distributed.shard; make the optimizer
+    after this)."""
     forward = model
-    if run.world.size > 1:
+    if run.world.size > 1 and run.cfg.train.parallel == "fsdp":
+        if getattr(model, "lora_config", None) is not None:
+            raise ConfigError("train.parallel fsdp shards full fine-tuning; a LoRA run (lora.r > 0) trains few "
+                              "parameters and keeps the whole model on each process: use train.parallel ddp")
+        if run.dtype == torch.float16:
+            raise ConfigError("train.parallel fsdp: use train.dtype bf16 or fp32 (fp16's loss scaling is not "
+                              "shard-aware here)")
+        if run.cfg.train.compile:
+            raise ConfigError("train.parallel fsdp: train.compile is not supported with it; leave it off")
+        forward = run.ddp[model] = shard(model, run.world, run.device, run.dtype)
+    elif run.world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = run.ddp[model] = DistributedDataParallel(
@@ -405,14 +430,29 @@ def restore_models(run: Run, build: dict[str, Callable[[], nn.Module]]) -> dict[
 
 def save(run: Run, step: int, models: dict[str, nn.Module], stepper: Stepper | dict, extra: dict | None = None):
     """Checkpoint after `step` optimizer steps: models, optimizer(s), schedule, RNG states
-    and data position; then keep only the newest train.keep_checkpoints."""
+    and data position; then keep only the newest train.keep_checkpoints.
+
+    Sharded (FSDP) models: first, on every rank, their whole weights are gathered (the
+    checkpoint's safetensors are whole, as always: every tool reads them) and their
+    optimizer state written in shards by torch.distributed.checkpoint into a staging
+    folder, which becomes the checkpoint's <prefix>optimizer/ (readable on any number of
+    processes)."""
+    steppers = stepper if isinstance(stepper, dict) else {"": stepper}
+    tensors, folders = {}, {}
+    if any(is_sharded(m) for m in models.values()):
+        staging = checkpoints_of(run.dir) / f".{step_dir(Path(), step).name}.shards-{run.world.broadcast(os.getpid())}"
+        tensors = {name: full_state_dict(m) for name, m in models.items() if is_sharded(m)}
+        for prefix, s in steppers.items():
+            if is_sharded(s.model):
+                folders[f"{prefix}optimizer"] = staging / f"{prefix}optimizer"
+                save_optimizer_shards(s.model, s.optimizer, folders[f"{prefix}optimizer"])
     # rank 0 writes (every rank holds the same weights); the others wait, and share its error
-    path = run.world.on_main(lambda: _save(run, step, models, stepper, extra))
+    path = run.world.on_main(lambda: _save(run, step, models, steppers, extra, tensors, folders))
     return path if run.world.main else step_dir(checkpoints_of(run.dir), step)
 
 
-def _save(run: Run, step: int, models: dict[str, nn.Module], stepper, extra: dict | None) -> Path:
-    steppers = stepper if isinstance(stepper, dict) else {"": stepper}
+def _save(run: Run, step: int, models: dict[str, nn.Module], steppers: dict, extra: dict | None,
+          tensors: dict, folders: dict) -> Path:
     if run.tracker is not None:  # the step's scalars on disk before its checkpoint: a resume keeps them
         run.tracker.writer.flush()
     state = {"step": step, "rng": rng_state(), **(extra or {})}
@@ -420,7 +460,7 @@ def _save(run: Run, step: int, models: dict[str, nn.Module], stepper, extra: dic
         state.update({f"{prefix}{k}": v for k, v in s.state_dict().items()})
     path = save_checkpoint(step_dir(checkpoints_of(run.dir), step), models,
                            metadata={"stage": run.stage, "step": step, "config": to_dict(run.cfg)},
-                           trainer_state=state)
+                           trainer_state=state, tensors=tensors, folders=folders)
     prune_checkpoints(checkpoints_of(run.dir), run.cfg.train.keep_checkpoints)
     return path
 
@@ -433,7 +473,8 @@ def resume_step(run: Run, stepper: Stepper | dict[str, Stepper]) -> int:
         return 0
     steppers = stepper if isinstance(stepper, dict) else {"": stepper}
     for prefix, s in steppers.items():
-        s.load_state_dict({k[len(prefix):]: v for k, v in run.state.items() if k.startswith(prefix)})
+        s.load_state_dict({k[len(prefix):]: v for k, v in run.state.items() if k.startswith(prefix)},
+                          shards=run.checkpoint / f"{prefix}optimizer")
     set_rng_state(run.state["rng"])
     run.print(f"resumed from {run.checkpoint} at step {run.state['step']} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
     return run.state["step"]

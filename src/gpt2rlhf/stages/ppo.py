@@ -588,6 +588,9 @@ class PPOLab:
         self.run = run = open_run(cfg, "ppo", resume)
         p, t = self.p, self.t = cfg.ppo, cfg.train
         self.world = world = run.world
+        if world.size > 1 and t.parallel == "fsdp":
+            raise ConfigError("train.parallel fsdp shards SFT and reward-model training; PPO runs its models with "
+                              "ddp (leave train.parallel at ddp)")
         for what, n in (("train.batch_size (-b)", t.batch_size), ("ppo.mini_batch_size", p.mini_batch_size)):
             if n % world.size:  # every rank holds an equal share of each batch and minibatch
                 raise ConfigError(f"{what} ({n}) must be divisible by the number of processes ({world.size})")

@@ -2,7 +2,7 @@
 each batch with responses of different lengths, take the same number of decode steps,
 and log exactly the statistics that one process computes from the union of their
 rollouts; each rank's advantages are its rows of the union's; a 2-process checkpoint
-resumes in 1 process.
+resumes in 1 process, which samples and trains what the 2 processes did.
 
 The run is driven by HARNESS under torchrun: PPOLab phase by phase on each rank, which
 saves what it saw after every iteration (its rollouts, the logged scalars, how many
@@ -64,7 +64,7 @@ with PPOLab(cfg, reward_fn=vowel_share, prompts=prompts()) as lab:
         lab.step()
         r = lab.rollouts
         torch.save({{"rollouts": {{k: v for k, v in vars(r).items()}}, "logs": dict(lab.logs), "beta": lab.beta,
-                    "seen": dict(seen), "world": lab.world.size}},
+                    "seen": dict(seen), "world": lab.world.size, "rng": torch.get_rng_state()}},
                    os.path.join(out, f"rank{{rank}}_it{{lab.iteration}}.pt"))
 '''
 
@@ -187,22 +187,31 @@ def test_a_two_process_ppo_checkpoint_resumes_in_one_process(two_process_run):
     shutil.copytree(run, resumed / run.name)
     shutil.rmtree(resumed / run.name / "checkpoints" / f"step_{ITERATIONS:08d}")
     cfg = load_config(PPOConfig, overrides=overrides(two_process_run["actor"], two_process_run["critic"], resumed))
+    saved = load_model(run / "checkpoints" / "step_00000002", "actor").state_dict()  # (building a model draws
+    two = load_model(latest_checkpoint(run / "checkpoints"), "actor").state_dict()  # random numbers: before the lab)
     with PPOLab(cfg, resume=resumed / run.name, reward_fn=vowel_share, prompts=prompts()) as lab:
         assert lab.iteration == 2 and lab.world.size == 1
         start = {k: v.clone() for k, v in lab.actor.state_dict().items()}
-        saved = load_model(run / "checkpoints" / "step_00000002", "actor").state_dict()
         assert all(torch.equal(start[k], saved[k]) for k in saved)
         assert lab.kl_ctl.value == seen[(0, 3)]["beta"]  # the adaptive beta the 2 processes went on with
+        # both ranks ended iteration 2 in the random state the checkpoint holds
+        assert torch.equal(seen[(1, 2)]["rng"], seen[(0, 2)]["rng"])
+        assert torch.equal(torch.get_rng_state(), seen[(0, 2)]["rng"])
         # the data position is global: one process takes the whole batch the two took together
         query, mask = lab.sample_prompts()
         both = union(seen[(0, 3)], seen[(1, 3)])
         assert [q[m.bool()].tolist() for q, m in zip(query, mask)] == \
             [q[m.bool()].tolist() for q, m in zip(both.query, both.query_mask)]
-        for phase in ("rollout", "score", "logprobs_and_values", "advantages", "update", "log"):
+        # the same random state on every rank, each drawing the whole batch's numbers: one
+        # process samples what the two sampled together, and trains to the same weights
+        lab.rollout()
+        assert torch.equal(lab.rollouts.response, both.response)
+        for phase in ("score", "logprobs_and_values", "advantages", "update", "log"):
             getattr(lab, phase)()
         assert lab.iteration == ITERATIONS
-        assert all(torch.isfinite(v).all() for v in lab.actor.state_dict().values())
-        assert any(not torch.equal(lab.actor.state_dict()[k], start[k]) for k in start)  # it trained
+        one = lab.actor.state_dict()
+        assert max(float((one[k] - two[k]).abs().max()) for k in two) <= 1e-5
+        assert any(not torch.equal(one[k], start[k]) for k in start)  # it trained
 
 
 def test_a_minibatch_that_does_not_divide_among_the_processes_is_a_clear_error(tmp_path):

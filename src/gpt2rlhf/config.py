@@ -202,7 +202,8 @@ class TrainArgs:
     batch_size: int = 32
     """-b: examples per optimizer step (pairs for the reward model)."""
     micro_batch_size: int | None = None
-    """Examples per forward pass; batch_size / micro_batch_size steps are accumulated. None: batch_size."""
+    """Examples per forward pass (in each process, under torchrun); the rest are accumulated.
+    None: batch_size (PPO: ppo.mini_batch_size), each process's share of it."""
     max_steps: int = 1000
     """Optimizer steps to run."""
     eval_every: int = 200

@@ -483,11 +483,12 @@ def prompt_examples(ds, args: DataArgs, min_tokens: int, max_tokens: int, enc, n
     return prompts, stats
 
 
-def pad_rows(rows: list[list[int]], pad: int = EOT_TOKEN, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], pad: int = EOT_TOKEN, left: bool = False,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and attention mask of rows of token ids: right-padded (every row starts at
     the first column), or left-padded (every row ends at the last column: prompts to sample
-    from)."""
-    T = max(len(r) for r in rows)
+    from). T is the longest row, or `width` if that is more."""
+    T = max([len(r) for r in rows] + [width or 0])
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -498,8 +499,8 @@ def pad_rows(rows: list[list[int]], pad: int = EOT_TOKEN, left: bool = False) ->
     return ids, mask
 
 
-def left_pad(rows: list[list[int]], pad: int = EOT_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_rows(rows, pad, left=True)
+def left_pad(rows: list[list[int]], pad: int = EOT_TOKEN, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_rows(rows, pad, left=True, width=width)
 
 
 def right_pad(rows: list[list[int]], pad: int = EOT_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:

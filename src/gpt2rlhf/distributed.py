@@ -71,6 +71,31 @@ class World:
             return bool(flags.all())
         return not bool(self.max((~flags).any().to(torch.int32)))
 
+    def agree(self, fn):
+        """fn() on every rank; if it raised on any rank, the first such error (in rank order)
+        raised on every rank, so that no rank goes on into a collective the failed one never
+        reaches and every rank stops with the same message (a reward function that fails on
+        the texts of one rank only)."""
+        if self.size == 1:
+            return fn()
+        error = result = None
+        try:
+            result = fn()
+        except Exception as e:  # shared with the other ranks below, then raised again
+            error = e
+        errors = [None] * self.size
+        dist.all_gather_object(errors, None if error is None else (type(error), str(error)))
+        first = next((e for e in errors if e is not None), None)
+        if first is None:
+            return result
+        if error is not None and (type(error), str(error)) == first:
+            raise error
+        try:
+            raised = first[0](first[1])
+        except Exception:  # an exception class that takes other arguments
+            raised = RuntimeError(f"{first[0].__name__}: {first[1]}")
+        raise raised
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (a picklable object)."""
         if self.size == 1:

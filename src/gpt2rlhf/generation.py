@@ -41,12 +41,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
+           rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One token per row of (B, V) probabilities, by inverse-CDF sampling: a uniform draw
     located in the running sum. torch.multinomial draws V exponentials per row instead,
-    which was 60% of a tiny model's generation time on CPU (scripts/bench_model.py)."""
+    which was 60% of a tiny model's generation time on CPU (scripts/bench_model.py).
+    `rows` (first, total): these B rows are rows first..first+B-1 of a batch of `total`
+    split across processes; each process draws the whole batch's uniforms and keeps its
+    own, so N processes sample what one process does from the same random state."""
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    first, total = rows if rows is not None else (0, probs.size(0))
+    u = torch.rand(total, 1, device=probs.device, generator=generator)[first:first + probs.size(0)] * cdf[:, -1:]
     # first index whose cdf exceeds u: a token of probability 0 is never picked
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
@@ -106,6 +111,7 @@ def generate(
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
     all_finished: Callable[[torch.Tensor], bool] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Generation:
     """Sample up to `max_new_tokens` for each row of a left-padded batch.
 
@@ -119,7 +125,8 @@ def generate(
     stepping, padding, until every process is done, so each runs the same number of
     forward passes (a sharded model gathers its weights in every one: a process that
     stopped early would leave the others waiting in that collective) and every process's
-    responses have the same width.
+    responses have the same width. `rows` (first, total): this batch's place in a batch
+    split across processes (see sample()).
     """
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
         raise ValueError(f"need 0 <= min_new_tokens ({min_new_tokens}) <= max_new_tokens ({max_new_tokens}), max >= 1")
@@ -156,7 +163,7 @@ def generate(
             logp = F.log_softmax(logits / temperature, dim=-1)
             filtered = top_k > 0 or top_p < 1.0
             probs = F.softmax(filter_logits(logp, top_k, top_p), dim=-1) if filtered else logp.exp()
-            next_token = sample(probs, generator)
+            next_token = sample(probs, generator, rows)
         alive = ~finished
         tokens[:, t] = torch.where(alive, next_token, pad)
         logprobs[:, t] = torch.where(alive, logp.gather(1, next_token[:, None]).squeeze(1), 0.0)

@@ -111,11 +111,14 @@ def eos_id(model) -> int | None:
 def rollout(actor, query, query_mask, p: PPOArgs, world: World = World()) -> Rollouts:
     """Under torchrun every rank samples its share of the prompts, and all ranks take the
     same number of decode steps (generate's all_finished): a rank whose rows all ended
-    keeps stepping until every rank's have, so the responses have one width everywhere."""
+    keeps stepping until every rank's have, so the responses have one width everywhere.
+    Every rank draws the random numbers of the whole batch and uses its rows' (generate's
+    rows): from the same random state, N processes sample what one process samples."""
     eos = eos_id(actor)
     out = generate(actor, query, query_mask, max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=eos,
-                   pad_token_id=eos if eos is not None else 0, all_finished=world.all if world.size > 1 else None)
+                   pad_token_id=eos if eos is not None else 0, all_finished=world.all if world.size > 1 else None,
+                   rows=(world.rank * query.size(0), world.size * query.size(0)) if world.size > 1 else None)
     return Rollouts(query, query_mask, out.tokens, out.mask)
 
 
@@ -195,7 +198,7 @@ def score(r: Rollouts, score_fn, p: PPOArgs, gain: float, bias: float, done: int
           world: World = World()) -> tuple[torch.Tensor, torch.Tensor]:
     """(raw, shaped) scores of one rollout batch; a non-finite raw score stops the run
     (checked over every rank's scores, so that every rank stops with the same message)."""
-    raw = score_fn(r)
+    raw = world.agree(lambda: score_fn(r))  # a reward that fails on one rank stops every rank with its message
     check_scores(world.gather(raw), done)
     return raw, shape_scores(raw, r, p, gain, bias)
 
@@ -207,7 +210,11 @@ def normalisation(actor, score_fn, batches, p: PPOArgs, world: World = World()) 
     computed once, before the first iteration (lm-human-preferences' reward normalisation).
     Under torchrun each rank rolls out its share of every batch, and the statistics are
     those of all the ranks' scores together."""
-    raw = world.gather(torch.cat([score_fn(rollout(actor, q, m, p, world)) for q, m in batches]))
+    scores = []
+    for q, m in batches:
+        r = rollout(actor, q, m, p, world)
+        scores.append(world.agree(lambda: score_fn(r)))
+    raw = world.gather(torch.cat(scores))
     check_scores(raw, None)
     try:
         gain, bias, warning = reward_normalisation(raw)
@@ -390,21 +397,26 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
     an epoch's mean approxkl exceeds it (cleanrl's target_kl and TRL's early_stopping also
     stop between epochs).
 
-    Under torchrun each rank shuffles its own rows and takes ppo.mini_batch_size / N of
-    them per minibatch (the global minibatch is the union; every rank makes the same
-    number of steps); DDP averages the gradients, the Stepper weighs each rank's tokens
-    in the global total, and the statistics come back reduced over the ranks, so every
-    rank takes the same early-stop decision."""
+    Under torchrun every rank gathers the whole batch's rollouts, the ranks shuffle it in
+    one order (rank 0's), and each takes its 1/N of every minibatch: the minibatches are
+    those of one process, and every rank makes the same number of steps. DDP averages the
+    gradients, the Stepper weighs each rank's tokens in the global total, and the
+    statistics come back reduced over the ranks, so every rank takes the same early-stop
+    decision."""
+    if world.size > 1:  # the whole batch's rollouts on every rank (a few numbers per token)
+        r = Rollouts(*(None if v is None else world.gather(v) for v in (
+            r.query, r.query_mask, r.response, r.response_mask, r.logprobs, r.values, r.advantages, r.returns)))
     B = r.query.size(0)
-    mini_batch_size = p.mini_batch_size // world.size
     stats: dict[str, list[float]] = {}
     lr = actor_stepper.scheduler.get_last_lr()[0]
     updates, early_stop = 0, False
     for _ in range(p.ppo_epochs):
         order = torch.randperm(B, device=r.query.device)
+        if world.size > 1:  # one order for all (rank 0's), as one process shuffles the whole batch
+            order = world.broadcast(order.cpu()).to(r.query.device)
         epoch_kl = []
-        for start in range(0, B, mini_batch_size):
-            idx = order[start:start + mini_batch_size]
+        for start in range(0, B, p.mini_batch_size):
+            idx = world.share(order[start:start + p.mini_batch_size], "ppo.mini_batch_size")  # this rank's part
             micro = [r.select(idx[i:i + micro_batch_size]) for i in range(0, len(idx), micro_batch_size)]
             tokens = [float(mb.response_mask.sum()) for mb in micro]
             a = actor_stepper.step(micro, lambda mb: policy_loss(actor, mb, p, actor_ddp), tokens)
@@ -628,7 +640,6 @@ class PPOLab:
             self.kl_ctl.load_state_dict(run.state["kl_ctl"])
         elif p.normalize_reward:
             sampler = BatchStream(len(prompts), t.batch_size, t.seed + 1)
-            self.rank_seed(-1)
             with run.autocast():
                 self.gain, self.bias, n, warning = normalisation(
                     self.actor, self.score_fn, (self.batch_of(i, sampler) for i in range(
@@ -688,18 +699,14 @@ class PPOLab:
 
     def batch_of(self, step: int, source: BatchStream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The left-padded prompts (ids, mask) of iteration `step` (0-based) of a prompt
-        stream: this rank's contiguous share of them under torchrun."""
-        q, m = left_pad([self.prompts[i] for i in self.world.share((source or self.stream).indices(step))],
-                        pad=eos_id(self.actor) or 0)
+        stream: this rank's contiguous share of them under torchrun, padded to the width
+        of the whole batch's longest prompt, as one process pads them. Every rank holds
+        the same random state (one seed, the same checkpointed state on resume) and
+        draws the whole batch's random numbers (rollout()), so N processes sample and
+        train what one process does."""
+        rows = [self.prompts[i] for i in (source or self.stream).indices(step)]
+        q, m = left_pad(self.world.share(rows), pad=eos_id(self.actor) or 0, width=max(map(len, rows)))
         return q.to(self.run.device), m.to(self.run.device)
-
-    def rank_seed(self, iteration: int):
-        """Under torchrun, ranks other than 0 sample with a seed of their own for each
-        iteration (-1: the reward normalisation), so that they draw different samples and a
-        resumed run draws again what it would have drawn; rank 0 keeps the one random
-        stream that a 1-process run has, saved in its checkpoints."""
-        if self.world.rank > 0:
-            torch.manual_seed(self.t.seed + 1_000_003 * self.world.rank + 7_919 * (iteration + 1))
 
     def sample_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """0. This iteration's batch of prompts (train.batch_size of them, each epoch of
@@ -708,7 +715,6 @@ class PPOLab:
             raise RuntimeError("call lab.log() first: this iteration's update ran, and log() completes it")
         t0 = time.perf_counter()
         self.rollouts, self.logs, self.seconds = None, {}, {}
-        self.rank_seed(self.iteration)
         self.query, self.query_mask = self.batch_of(self.iteration)
         self.seconds["generation"] = time.perf_counter() - t0
         self.phase = "sample_prompts"

@@ -422,6 +422,117 @@ class PPOConfig:
 # ------------------------------------------------------------------ evaluate.py and sample.py
 
 @dataclass
+class GroupArgs:
+    """One iteration of the critic-free trainer: group_size responses to each prompt, each
+    response's advantage from its group's rewards (no value model), then clipped policy
+    updates (PPO's surrogate: the ratio matters when epochs > 1 reuses a batch).
+
+    estimator rloo (Ahmadian et al. 2024, "Back to Basics"): the advantage is the reward
+    minus the mean of the group's other k-1 rewards. grpo (Shao et al. 2024,
+    DeepSeekMath): the reward minus the group mean, divided by the group's standard
+    deviation (scale_rewards; Liu et al. 2025, "Dr. GRPO", argue for leaving it off).
+    The KL to the reference: kl_penalty reward subtracts beta times the response's summed
+    KL (k1) from its reward before the group baseline (RLOO's form, and TRL's
+    RLOOTrainer); loss adds beta times the mean per-token k3 KL to the loss (GRPO's form,
+    DeepSeekMath eq. 3-4); auto: reward for rloo, loss for grpo."""
+
+    estimator: str = "grpo"
+    """rloo (leave-one-out baseline) | grpo (group mean and standard deviation)."""
+    group_size: int = 4
+    """k: responses sampled per prompt (>= 2; train.batch_size counts responses, so it
+    must be a multiple of k)."""
+    max_new_tokens: int = 24
+    """Longest response, in tokens."""
+    min_new_tokens: int = 0
+    """Shortest response: EOS cannot be sampled before this many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are computed from logits / temperature too."""
+    kl_coef: float = 0.05
+    """beta, the weight of the KL to the reference (SFT) model."""
+    kl_penalty: str = "auto"
+    """reward | loss | auto (reward for rloo, loss for grpo): where the KL goes (see above)."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's standard deviation (rloo never does)."""
+    mini_batch_size: int = 16
+    """Responses per optimizer step."""
+    ppo_epochs: int = 1
+    """Passes over each batch (1: every step on fresh samples, the ratio is 1 at the first
+    minibatch; more reuse the batch under the clipped ratio)."""
+    clip_range: float = 0.2
+    """Policy ratio clipping epsilon."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0: off)."""
+    normalize_reward: bool = True
+    """Gain and bias so that the starting policy's scores have mean 0, std 1 (computed
+    once), so that kl_coef means what it means for PPO."""
+    normalization_samples: int = 256
+    """Rollouts scored to compute that gain and bias."""
+    reward_clip: float = 0.0
+    """Clip normalised scores to [-c, c] (0: off)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that has no EOS (None: no penalty)."""
+    sample_every: int = 10
+    """Every N iterations (and after the first): print a few prompt/response pairs (0: never)."""
+    forward_batch_size: int = 16
+    """Rows per forward pass when scoring (reward, log-probs of actor and reference)."""
+    target_approxkl: float | None = None
+    """Early stop between epochs once an epoch's mean approxkl exceeds this (None: off)."""
+    top_k: int = 0
+    """Must stay 0: the log-probs are those of the unfiltered distribution."""
+    top_p: float = 1.0
+    """Must stay 1: the log-probs are those of the unfiltered distribution."""
+
+    def __post_init__(self):
+        if self.estimator not in ("rloo", "grpo"):
+            raise ConfigError(f"grpo.estimator must be rloo or grpo, got {self.estimator!r}")
+        if self.kl_penalty not in ("auto", "reward", "loss"):
+            raise ConfigError(f"grpo.kl_penalty must be auto, reward or loss, got {self.kl_penalty!r}")
+        if self.group_size < 2:
+            raise ConfigError(f"grpo.group_size must be >= 2 (the group is the baseline), got {self.group_size}")
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("grpo: need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens")
+        if self.temperature <= 0:
+            raise ConfigError(f"grpo.temperature must be > 0 (logprobs divide by it), got {self.temperature}")
+        if self.ppo_epochs < 1 or self.mini_batch_size < 1 or self.forward_batch_size < 1:
+            raise ConfigError("grpo.ppo_epochs, grpo.mini_batch_size and grpo.forward_batch_size must be >= 1")
+        if self.kl_coef < 0:
+            raise ConfigError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.top_k or self.top_p < 1.0:
+            raise ConfigError("grpo.top_k and grpo.top_p must stay off (0 and 1): the trainer scores log-probs "
+                              "of the distribution it samples from")
+        if self.target_approxkl is not None and self.target_approxkl <= 0:
+            raise ConfigError(f"grpo.target_approxkl must be > 0 (or none), got {self.target_approxkl}")
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.estimator == "grpo")
+
+
+@dataclass
+class GRPOConfig:
+    """Critic-free policy gradient (RLOO or GRPO) against a reward model or function."""
+
+    actor: ModelArgs = field(default_factory=lambda: ModelArgs(preset="gpt2"))
+    reward: str | None = None
+    """The reward: a reward-model checkpoint or run folder (or a Hugging Face folder with a
+    score head), or a Python function of the response texts, module:function or
+    path/to/file.py:function (see gpt2rlhf/rewards.py). Required."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimArgs = field(default_factory=lambda: OptimArgs(lr=1e-5, weight_decay=0.0, warmup_steps=0))
+    data: DataArgs = field(default_factory=DataArgs)
+    prompts: PromptArgs = field(default_factory=PromptArgs)
+    grpo: GroupArgs = field(default_factory=GroupArgs)
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(batch_size=64, max_steps=100, eval_every=0,
+                                                               save_every=20, log_every=1))
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def __post_init__(self):
+        if self.train.batch_size % self.grpo.group_size:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}, responses per iteration) must be a "
+                              f"multiple of grpo.group_size ({self.grpo.group_size})")
+
+
+@dataclass
 class EvalOptions:
     """Every option of evaluate.py (--config FILE may give any but -m, with _ or - in names)."""
 
@@ -526,6 +637,7 @@ COMMON_FLAGS = {"-n": "run.exp_name", "--exp-name": "run.exp_name", "-b": "train
 SHORT_FLAGS = {**COMMON_FLAGS, "-p": "model.pretrain", "--pretrain": "model.pretrain"}
 PPO_FLAGS = {**COMMON_FLAGS, "-a": "actor.pretrain", "--actor": "actor.pretrain",
              "-c": "critic.pretrain", "--critic": "critic.pretrain"}
+GRPO_FLAGS = {**COMMON_FLAGS, "-a": "actor.pretrain", "--actor": "actor.pretrain"}
 # --actor and --critic are also the names of sections, which jsonargparse takes as "a YAML
 # file for that section": they are read as -a and -c
 SECTION_FLAGS = {"--actor": "-a", "--critic": "-c"}
@@ -538,7 +650,7 @@ REMOVED_KEYS = {
 
 
 def short_flags(cls) -> dict:
-    return PPO_FLAGS if cls is PPOConfig else SHORT_FLAGS
+    return {PPOConfig: PPO_FLAGS, GRPOConfig: GRPO_FLAGS}.get(cls, SHORT_FLAGS)
 
 
 def _is_dataclass_type(tp) -> bool:

@@ -61,3 +61,13 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     with torch.no_grad():
         stats = {"vf_clipfrac": ((vf_losses2 > vf_losses).float() * m).sum() / n}
     return vf_loss, stats
+
+
+def kl_loss_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) as a loss term, per token with the k3 estimator
+    exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for tokens sampled from pi; John
+    Schulman's note on KL approximations), averaged over the valid tokens: GRPO's KL term
+    (Shao et al. 2024, DeepSeekMath, eq. 4). Its gradient moves pi towards pi_ref."""
+    m = mask.float()
+    d = (ref_logp - logp) * m  # padding out before the exp
+    return ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)

@@ -49,7 +49,7 @@ from ..data import BatchStream, left_pad, prompt_examples, train_eval_records
 from ..distributed import World
 from ..generation import generate
 from ..lora import adapters_disabled
-from ..losses import ppo_policy_loss, ppo_value_loss
+from ..losses import kl_loss_k3, ppo_policy_loss, ppo_value_loss
 from ..model import set_dropout
 from ..rewards import RewardFunction, is_reward_spec, load_reward_function, one_line
 from ..rl import (AdaptiveKLController, FixedKLController, entropy_from_logprobs, explained_variance, gae,
@@ -287,7 +287,7 @@ def logprobs_and_values(r: Rollouts, actor, reference, critic, p: PPOArgs,
               for i in range(0, r.query.size(0), size)]
     logprobs, entropy = torch.cat([lp for lp, _ in chunks]), torch.cat([h for _, h in chunks])
     ref_logprobs = in_chunks(reference_logprobs, r, size)
-    values = in_chunks(lambda c: response_values(critic, c), r, size)
+    values = None if critic is None else in_chunks(lambda c: response_values(critic, c), r, size)
     mask = r.response_mask.float()
     if world.size == 1:
         stats = {"objective/entropy": float(masked_mean(entropy, mask))}
@@ -357,13 +357,19 @@ def advantages_across(r: Rollouts, score, ref_logprobs, beta: float, p: PPOArgs,
 
 # ------------------------------------------------------------------ 5. update
 
-def policy_loss(actor, mb: Rollouts, p: PPOArgs, logits_of: nn.Module | None = None):
+def policy_loss(actor, mb: Rollouts, p: PPOArgs, logits_of: nn.Module | None = None, kl_loss_coef: float = 0.0):
     """The actor's loss on one micro-batch: clipped surrogate, minus the entropy bonus
     when ppo.entropy_coef > 0 (the entropy is then computed here, with its gradient, and
     logged as policy/entropy; at 0 only the rollout's objective/entropy is logged).
-    `logits_of`: the actor's ResponseLogits wrapped by DDP, under torchrun."""
+    `logits_of`: the actor's ResponseLogits wrapped by DDP, under torchrun.
+    `kl_loss_coef` > 0 (the critic-free trainer's GRPO form; PPO keeps the KL in the
+    reward): plus that times the k3 estimate of KL(pi || pi_ref) per token, averaged over
+    the valid tokens (losses.kl_loss_k3), logged as kl_loss."""
     logprobs, entropy = response_logprobs(actor, mb, p, with_entropy=p.entropy_coef > 0, logits_of=logits_of)
     pg_loss, s = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, p.clip_range)
+    if kl_loss_coef > 0:
+        kl = kl_loss_k3(logprobs, mb.ref_logprobs, mb.response_mask)
+        pg_loss, s = pg_loss + kl_loss_coef * kl, {**s, "kl_loss": kl.detach()}
     if entropy is None:
         return pg_loss, s
     entropy = masked_mean(entropy, mb.response_mask)
@@ -381,12 +387,13 @@ UPDATE_TAGS = {"loss/policy": ("a", "loss"), "loss/value": ("c", "vf_loss"), "po
                "policy/approxkl": ("a", "approxkl"), "policy/entropy": ("a", "entropy"),
                "policy/ratio_mean": ("a", "ratio_mean"), "policy/ratio_max": ("a", "ratio_max"),
                "policy/ratio_outside_clip": ("a", "ratio_outside_clip"), "val/vf_clipfrac": ("c", "vf_clipfrac"),
-               "optim/actor_grad_norm": ("a", "grad_norm"), "optim/critic_grad_norm": ("c", "grad_norm")}
+               "optim/actor_grad_norm": ("a", "grad_norm"), "optim/critic_grad_norm": ("c", "grad_norm"),
+               "policy/kl_loss": ("a", "kl_loss")}
 
 
-def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, critic_stepper: Stepper,
+def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, critic_stepper: Stepper | None,
                micro_batch_size: int, world: World = World(), actor_ddp: nn.Module | None = None,
-               critic_ddp: nn.Module | None = None) -> dict:
+               critic_ddp: nn.Module | None = None, kl_loss_coef: float = 0.0) -> dict:
     """ppo_epochs passes over the rollouts in shuffled minibatches; in each, one actor and
     one critic optimizer step (gradient accumulation over micro-batches, each weighted by
     its valid tokens, so a step does not depend on the micro-batch size).
@@ -395,7 +402,8 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
     counted in optim/skipped_steps, not averaged in as NaN); policy/ratio_max is the
     largest ratio of any valid token. With ppo.target_approxkl, no further epoch starts once
     an epoch's mean approxkl exceeds it (cleanrl's target_kl and TRL's early_stopping also
-    stop between epochs).
+    stop between epochs). The critic-free trainer calls it with critic None (no value
+    step) and, for GRPO's form, kl_loss_coef > 0 (policy_loss).
 
     Under torchrun every rank gathers the whole batch's rollouts, the ranks shuffle it in
     one order (rank 0's), and each takes its 1/N of every minibatch: the minibatches are
@@ -405,7 +413,8 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
     decision."""
     if world.size > 1:  # the whole batch's rollouts on every rank (a few numbers per token)
         r = Rollouts(*(None if v is None else world.gather(v) for v in (
-            r.query, r.query_mask, r.response, r.response_mask, r.logprobs, r.values, r.advantages, r.returns)))
+            r.query, r.query_mask, r.response, r.response_mask, r.logprobs, r.values, r.advantages, r.returns,
+            r.ref_logprobs if kl_loss_coef > 0 else None)))
     B = r.query.size(0)
     stats: dict[str, list[float]] = {}
     lr = actor_stepper.scheduler.get_last_lr()[0]
@@ -419,12 +428,13 @@ def ppo_update(actor, critic, r: Rollouts, p: PPOArgs, actor_stepper: Stepper, c
             idx = world.share(order[start:start + p.mini_batch_size], "ppo.mini_batch_size")  # this rank's part
             micro = [r.select(idx[i:i + micro_batch_size]) for i in range(0, len(idx), micro_batch_size)]
             tokens = [float(mb.response_mask.sum()) for mb in micro]
-            a = actor_stepper.step(micro, lambda mb: policy_loss(actor, mb, p, actor_ddp), tokens)
-            c = critic_stepper.step(micro, lambda mb: value_loss(critic_ddp or critic, mb, p), tokens)
+            a = actor_stepper.step(micro, lambda mb: policy_loss(actor, mb, p, actor_ddp, kl_loss_coef), tokens)
+            c = None if critic is None else critic_stepper.step(
+                micro, lambda mb: value_loss(critic_ddp or critic, mb, p), tokens)
             updates += 1
             for tag, (side, key) in UPDATE_TAGS.items():
                 out = a if side == "a" else c
-                if out["skipped"] or (tag == "policy/entropy" and p.entropy_coef == 0):  # not computed at 0
+                if out is None or out["skipped"] or key not in out:  # no critic; entropy, kl_loss not computed
                     continue
                 stats.setdefault(tag, []).append(out[key])
             if not a["skipped"]:
@@ -517,7 +527,8 @@ def model_sources(cfg: PPOConfig, run: Run, function_given: bool = False) -> dic
     reward are exactly those it started with, even if the SFT or RM run folder it named has
     moved on to a newer checkpoint since. `function_given`: the reward is a Python function
     passed in (train(reward_fn=...)), so neither is pinned."""
-    if not cfg.actor.pretrain or not cfg.critic.pretrain:
+    critic = getattr(cfg, "critic", None)  # the critic-free trainer's config has none
+    if critic is not None and (not cfg.actor.pretrain or not critic.pretrain):
         raise ConfigError("ppo needs -a/--actor (an SFT checkpoint) and -c/--critic (a reward-model checkpoint)")
     if run.checkpoint is not None and "sources" in run.state:
         sources = run.state["sources"]
@@ -530,8 +541,8 @@ def model_sources(cfg: PPOConfig, run: Run, function_given: bool = False) -> dic
     if run.checkpoint is not None:  # a run from before sources were pinned
         run.print("note: this checkpoint does not pin its reference and reward model; resolving them again")
     spec = not function_given and is_reward_spec(cfg.reward)
-    return {"actor": pin(cfg.actor.pretrain), "critic": pin(cfg.critic.pretrain),
-            "reward": None if function_given or spec else pin(cfg.reward or cfg.critic.pretrain),
+    return {"actor": pin(cfg.actor.pretrain), "critic": pin(critic.pretrain) if critic else None,
+            "reward": None if function_given or spec else pin(cfg.reward or critic.pretrain),
             "reward_fn": pin_reward_spec(cfg.reward) if spec else None}
 
 

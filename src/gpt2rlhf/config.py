@@ -232,7 +232,10 @@ class TrainArgs:
     parallel: str = "ddp"
     """Under torchrun (SFT, RM): ddp (each process holds the whole model; gradients averaged)
     | fsdp (FSDP2: parameters, gradients and optimizer state sharded across the processes,
-    for full fine-tuning of gpt2-large / gpt2-xl; LoRA runs and PPO use ddp). One process: ignored."""
+    for full fine-tuning of gpt2-large / gpt2-xl; LoRA runs and PPO use ddp; every process writes
+    its optimizer shard into the run folder, so across machines it must be on a shared
+    filesystem; with bf16 the gathered weights are cast to bf16, FSDP2's mixed precision).
+    One process: ignored."""
 
     def __post_init__(self):
         mb = self.micro_batch_size or self.batch_size
@@ -451,6 +454,12 @@ class GroupArgs:
     """beta, the weight of the KL to the reference (SFT) model."""
     kl_penalty: str = "auto"
     """reward | loss | auto (reward for rloo, loss for grpo): where the KL goes (see above)."""
+    adaptive_kl: bool = False
+    """Adapt beta towards target_kl (Ziegler et al. 2019's controller, as the PPO stage's)."""
+    target_kl: float = 6.0
+    """Adaptive beta: the KL per response it steers to, in nats."""
+    kl_horizon: int = 10000
+    """Adaptive beta: the horizon, in responses."""
     scale_rewards: bool = True
     """grpo: divide by the group's standard deviation (rloo never does)."""
     mini_batch_size: int = 16
@@ -497,6 +506,8 @@ class GroupArgs:
             raise ConfigError("grpo.ppo_epochs, grpo.mini_batch_size and grpo.forward_batch_size must be >= 1")
         if self.kl_coef < 0:
             raise ConfigError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.adaptive_kl and (self.target_kl <= 0 or self.kl_horizon <= 0):
+            raise ConfigError("grpo: adaptive KL needs target_kl > 0 and kl_horizon > 0")
         if self.top_k or self.top_p < 1.0:
             raise ConfigError("grpo.top_k and grpo.top_p must stay off (0 and 1): the trainer scores log-probs "
                               "of the distribution it samples from")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .files import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,9 @@ def full_value(x: torch.Tensor) -> torch.Tensor:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A sharded model's whole weights, gathered on every rank's CPU (a collective: every
-    rank calls it); for a checkpoint every tool can read on any number of processes."""
+    """A sharded model's whole weights on rank 0's CPU, the other ranks getting {} (a
+    collective: every rank calls it); for a checkpoint every tool can read on any number
+    of processes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
@@ -229,7 +231,42 @@ def save_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+    except CheckpointException as e:  # a BaseException, raised alike on every rank
+        raise dcp_error(e, "write", folder) from None
+
+
+def dcp_error(e, what: str, folder) -> CheckpointError:
+    """DCP's CheckpointException (a BaseException: past every `except Exception`) as the
+    project's CheckpointError, naming the ranks that failed and why (a full disk)."""
+    import errno
+
+    failures = getattr(e, "failures", None) or {}
+    causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    if any(getattr(c, "errno", None) == errno.ENOSPC for c in causes):
+        why = "the disk is full"
+    else:
+        first = causes[0] if causes else e
+        why = f"{type(first).__name__}: {(str(first).strip().splitlines() or [''])[0][:200]}"
+    return CheckpointError(f"{folder}: could not {what} the optimizer shards (rank(s) {sorted(failures)}: {why})")
+
+
+def missing_shards(folder) -> list[str]:
+    """The files DCP's metadata in `folder` refers to that are not there (a process whose
+    shard went to a disk the others do not see)."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = FileSystemReader(str(folder)).read_metadata()
+    except OSError:
+        return [".metadata"]
+    wanted = {info.relative_path for info in (meta.storage_data or {}).values()}
+    return sorted(f for f in wanted if not (Path(folder) / f).is_file())
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder=None,
@@ -244,7 +281,12 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
 
     if folder is not None:
         target = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(target, checkpoint_id=str(folder))  # one process: DCP reads every shard
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load(target, checkpoint_id=str(folder))  # one process: DCP reads every shard
+        except CheckpointException as e:
+            raise dcp_error(e, "read", folder) from None
         set_optimizer_state_dict(model, optimizer, target["optimizer"])
         return
     # one process's optimizer.state_dict(): parameters numbered in the order of the param

@@ -29,7 +29,7 @@ from ..config import ConfigError, ModelArgs, OptimArgs, TrainArgs, load_config, 
     resolve_output, save_config, to_dict
 from ..data import BatchStream, DataError
 from ..distributed import (World, full_state_dict, full_value, is_sharded, launched_world, load_optimizer, lost_peer,
-                           save_optimizer_shards, shard)
+                           missing_shards, save_optimizer_shards, shard)
 from ..distributed import close as close_group
 from ..distributed import init as init_group
 from ..lora import LoraConfig, apply_lora
@@ -432,22 +432,31 @@ def save(run: Run, step: int, models: dict[str, nn.Module], stepper: Stepper | d
     """Checkpoint after `step` optimizer steps: models, optimizer(s), schedule, RNG states
     and data position; then keep only the newest train.keep_checkpoints.
 
-    Sharded (FSDP) models: first, on every rank, their whole weights are gathered (the
-    checkpoint's safetensors are whole, as always: every tool reads them) and their
-    optimizer state written in shards by torch.distributed.checkpoint into a staging
-    folder, which becomes the checkpoint's <prefix>optimizer/ (readable on any number of
-    processes)."""
+    Sharded (FSDP) models: first, every rank takes part in gathering their whole weights
+    onto rank 0 (the checkpoint's safetensors are whole, as always: every tool reads them)
+    and writes its shard of their optimizer state with torch.distributed.checkpoint into a
+    staging folder, which becomes the checkpoint's <prefix>optimizer/ (readable on any
+    number of processes); rank 0 checks that every rank's shard is there."""
     steppers = stepper if isinstance(stepper, dict) else {"": stepper}
     tensors, folders = {}, {}
     if any(is_sharded(m) for m in models.values()):
         staging = checkpoints_of(run.dir) / f".{step_dir(Path(), step).name}.shards-{run.world.broadcast(os.getpid())}"
-        tensors = {name: full_state_dict(m) for name, m in models.items() if is_sharded(m)}
-        for prefix, s in steppers.items():
-            if is_sharded(s.model):
-                folders[f"{prefix}optimizer"] = staging / f"{prefix}optimizer"
-                save_optimizer_shards(s.model, s.optimizer, folders[f"{prefix}optimizer"])
+        try:
+            tensors = {name: full_state_dict(m) for name, m in models.items() if is_sharded(m)}
+            for prefix, s in steppers.items():
+                if is_sharded(s.model):
+                    folders[f"{prefix}optimizer"] = staging / f"{prefix}optimizer"
+                    save_optimizer_shards(s.model, s.optimizer, folders[f"{prefix}optimizer"])
+        except CheckpointError:  # every rank alike (DCP shares each rank's outcome): no staging left
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     # rank 0 writes (every rank holds the same weights); the others wait, and share its error
-    path = run.world.on_main(lambda: _save(run, step, models, steppers, extra, tensors, folders))
+    try:
+        path = run.world.on_main(lambda: _save(run, step, models, steppers, extra, tensors, folders))
+    except CheckpointError:
+        if folders:  # this rank's staged shards, where rank 0 could not see them (a disk of its own)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     return path if run.world.main else step_dir(checkpoints_of(run.dir), step)
 
 
@@ -455,6 +464,15 @@ def _save(run: Run, step: int, models: dict[str, nn.Module], steppers: dict, ext
           tensors: dict, folders: dict) -> Path:
     if run.tracker is not None:  # the step's scalars on disk before its checkpoint: a resume keeps them
         run.tracker.writer.flush()
+    for folder in folders.values():  # every rank's shard must be here: the run folder on a shared filesystem
+        missing = missing_shards(folder)
+        if missing:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+            raise CheckpointError(
+                f"{step_dir(checkpoints_of(run.dir), step)}: optimizer shards {missing} of other processes never "
+                f"reached {folder.parent}: train.parallel fsdp writes each process's shard into the run folder, "
+                f"which must be on a filesystem every process shares (several machines: a shared disk); nothing "
+                f"was replaced, the earlier checkpoints are intact")
     state = {"step": step, "rng": rng_state(), **(extra or {})}
     for prefix, s in steppers.items():
         state.update({f"{prefix}{k}": v for k, v in s.state_dict().items()})

@@ -118,7 +118,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     args = ["training/train_grpo.py", "-a", actor, "--reward", critic, "--data.train", data, "--data.eval_size", "4",
             "-b", "8", "--grpo.group_size", "2", "--grpo.mini_batch_size", "4", "--grpo.max_new_tokens", "6",
             "--prompts.min_tokens", "2", "--prompts.max_tokens", "6", "--grpo.normalization_samples", "16",
-            "--grpo.ppo_epochs", "2", "--train.max_steps", "12", "--train.save_every", "2",
+            "--grpo.ppo_epochs", "2", "--grpo.adaptive_kl", "true", "--train.max_steps", "12", "--train.save_every", "2",
             "--train.keep_checkpoints", "0", "--optim.lr", "1e-3"]
     whole = subprocess.run([sys.executable, *args, "--run.out_dir", str(tmp_path / "whole")], cwd=SRC,
                            capture_output=True, text=True, timeout=300)

@@ -36,7 +36,7 @@ from ..data import BatchStream, left_pad, prompt_examples, train_eval_records
 from ..loading import load, load_reward_model
 from ..model import set_dropout
 from ..rewards import load_reward_function
-from ..rl import kl_estimators, masked_mean
+from ..rl import AdaptiveKLController, FixedKLController, kl_estimators
 from ..tokenizer import get_tokenizer
 from .common import Run, Stepper, build_model, cli, is_due, open_run, restore_models, resume_step, save, tracked
 from .ppo import (Rollouts, callable_reward, eos_id, iteration_stats, logprobs_and_values, model_reward,
@@ -143,8 +143,11 @@ def train(cfg: GRPOConfig, resume: str | Path | None = None, reward_fn: Callable
     updates_per_iter = g.ppo_epochs * math.ceil(t.batch_size / g.mini_batch_size)
     stepper = Stepper(actor, run, cfg.optim, t, t.max_steps * updates_per_iter)
     stream = BatchStream(len(prompts), n_prompts, t.seed)
+    kl_ctl = (AdaptiveKLController(g.kl_coef, g.target_kl, g.kl_horizon) if g.adaptive_kl
+              else FixedKLController(g.kl_coef))
     if run.checkpoint is not None:
         gain, bias = run.state["reward_gain"], run.state["reward_bias"]
+        kl_ctl.load_state_dict(run.state["kl_ctl"])
     elif g.normalize_reward:
         sampler = BatchStream(len(prompts), n_prompts, t.seed + 1)
         with run.autocast():
@@ -157,9 +160,12 @@ def train(cfg: GRPOConfig, resume: str | Path | None = None, reward_fn: Callable
     start = resume_step(run, {"actor_": stepper})
     kl_where = "a loss term (k3 per token)" if g.kl_in_loss else "a penalty in the reward (k1 summed)"
     header = (f"device {run.device}, {str(run.dtype).replace('torch.', '')}; {g.estimator}, {k} responses per "
-              f"prompt, {n_prompts} prompts per iteration, KL to the reference as {kl_where}, beta {g.kl_coef}; "
+              f"prompt, {n_prompts} prompts per iteration, KL to the reference as {kl_where}, beta {g.kl_coef}"
+              f"{f' adapting to {g.target_kl} nats' if g.adaptive_kl else ''}; "
               f"{sum(p.numel() for p in stepper.params):,} trainable parameters; iterations {start}..{t.max_steps}"
-              f"\nstarting from " + ", ".join(f"{a} {b}" for a, b in sources.items() if b is not None))
+              f"\nstarting from " + ", ".join(f"{a} {b}" for a, b in sources.items() if b is not None)
+              + ("" if reward_model is not None or sources.get("reward_fn") else
+                 f", reward {score_fn.name} (a Python function)"))
     with tracked(run, start, header) as tracker:
         for it in range(start, t.max_steps):
             seconds, t0 = {}, time.perf_counter()
@@ -171,21 +177,23 @@ def train(cfg: GRPOConfig, resume: str | Path | None = None, reward_fn: Callable
                 raw, shaped = score(r, score_fn, g, gain, bias, it)          # 2. score
                 r = dataclasses.replace(r, raw_score=raw, score=shaped)
                 r, logs = logprobs_and_values(r, actor, reference, None, g)  # 3. logprobs
-            r, adv_stats = advantages(r, g, g.kl_coef)                        # 4. advantages
+            beta = kl_ctl.value
+            r, adv_stats = advantages(r, g, beta)                              # 4. advantages
             logs.update(adv_stats)
             seconds["scoring"], t0 = time.perf_counter() - t0, time.perf_counter()
             logs.update(ppo_update(actor, None, r, g, stepper, None, t.micro_batch_size or g.mini_batch_size,
-                                   kl_loss_coef=g.kl_coef if g.kl_in_loss else 0.0))  # 5. update
+                                   kl_loss_coef=beta if g.kl_in_loss else 0.0))  # 5. update
             seconds["update"] = time.perf_counter() - t0
             done = it + 1                                                     # 6. log
-            logs.update(iteration_stats(r, g.kl_coef, seconds), **{"optim/skipped_steps": stepper.skipped})
+            kl_ctl.update(logs["objective/kl"], t.batch_size)
+            logs.update(iteration_stats(r, beta, seconds), **{"optim/skipped_steps": stepper.skipped})
             tracker.scalars(done, logs)
             tracker.progress(1, score=logs["objective/raw_score"], kl=logs["objective/kl"])
             if g.sample_every and (done % g.sample_every == 0 or done == 1):
                 run.print(samples_text(done, r, logs, enc))
             if is_due(done, t.save_every, t.max_steps):
                 save(run, done, {"actor": actor}, {"actor_": stepper},
-                     {"reward_gain": gain, "reward_bias": bias, "sources": sources,
+                     {"reward_gain": gain, "reward_bias": bias, "sources": sources, "kl_ctl": kl_ctl.state_dict(),
                       "data_position": stream.position(done)})
     return run.dir
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from .checkpoint import META_FILE, CheckpointError, latest_checkpoint, list_checkpoints, read_meta
 
 CHECKPOINTS = "checkpoints"
-STAGE_SCRIPTS = {"sft": "training/train_sft.py", "rm": "training/train_rm.py", "ppo": "training/train_ppo.py"}
+STAGE_SCRIPTS = {"sft": "training/train_sft.py", "rm": "training/train_rm.py", "ppo": "training/train_ppo.py",
+                 "dpo": "training/train_dpo.py"}
 
 
 def checkpoints_of(run_dir: Path) -> Path:

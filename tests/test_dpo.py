@@ -179,33 +179,39 @@ def test_lora_dpo_run_keeps_its_reference_exactly_sft_while_the_policy_moves(tmp
 
 # ------------------------------------------------------------------ the command line, resume, bad input
 
-def test_train_dpo_from_the_command_line_logs_its_metrics_and_loads_as_a_language_model(tmp_path, files):
+def test_train_dpo_from_the_command_line_and_its_resume_after_sigkill(tmp_path, files):
+    """One uninterrupted run from the command line (in process): its metrics, the SFT
+    checkpoint it pins, evaluate.py's loader, the reference again exactly SFT when resumed;
+    then the same command SIGKILLed after a checkpoint and resumed ends with its weights."""
     # the script as a user runs it, beside the in-process run (its start-up is most of its time)
     help_ = subprocess.Popen([sys.executable, "training/train_dpo.py", "--help"], cwd=SRC, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
+    # short openings: a step here is mostly the 50257-way softmax, twice (policy and reference)
+    args = [*TINY_ARGS, "-p", files["sft"], "--data.train", files["reviews"], "--optim.lr", "1e-3",
+            "--data.max_length", "16", "--data.openings_only", "true", "--train.max_steps", "8",
+            "--train.save_every", "2", "--train.keep_checkpoints", "0", "--train.eval_every", "4",
+            "--dpo.label_smoothing", "0.1", "-n", "cli"]
     with pytest.raises(SystemExit) as done:  # main() returns normally; cli raises only on errors
-        dpo.main([*TINY_ARGS, "-p", files["sft"], "--data.train", files["reviews"], "--run.out_dir",
-                  str(tmp_path / "runs"), "-n", "cli", "--optim.lr", "1e-2", "--train.max_steps", "4",
-                  "--train.eval_every", "2"])
+        dpo.main([*args, "--run.out_dir", str(tmp_path / "whole")])
         raise SystemExit(0)
     assert done.value.code == 0
-    (run_dir,) = (tmp_path / "runs").glob("dpo_cli_*")
-    logged = scalars(run_dir)
+    (whole,) = (tmp_path / "whole").glob("dpo_cli_*")
+    logged = scalars(whole)
     for tag in ("loss/train", "loss/eval", "val/accuracy", "val/margin", "val/kl", "val/rewards_chosen",
                 "objective/rewards_chosen", "objective/rewards_rejected", "objective/rewards_margin",
                 "objective/rewards_accuracy", "objective/logps_chosen", "objective/logps_rejected", "objective/kl"):
         assert tag in logged, tag
-    assert len(logged["loss/train"]) == 4 and len(logged["val/accuracy"]) == 2
+    assert len(logged["loss/train"]) == 8 and len(logged["val/accuracy"]) == 2
     assert logged["loss/train"][0] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference at step 0
     assert logged["objective/rewards_chosen"][0] == 0.0 and logged["objective/kl"][0] == 0.0
     assert logged["objective/kl"][-1] != 0.0 and logged["objective/rewards_margin"][-1] > 0
     # the run pins the exact SFT checkpoint it started from, and evaluate.py loads it as a model source
-    config = (run_dir / "config.yaml").read_text()
+    config = (whole / "config.yaml").read_text()
     assert str(Path(files["sft"]).resolve() / "checkpoints" / "step_00000001") in config
-    assert isinstance(load(str(run_dir), kind="lm"), GPT)
+    assert isinstance(load(str(whole), kind="lm"), GPT)
     # resumed, the frozen reference is again exactly the SFT model
-    cfg = load_config(DPOConfig, str(run_dir / "config.yaml"))
-    model, _, reference = dpo.dpo_models(open_run(cfg, "dpo", run_dir), cfg.model.pretrain)
+    cfg = load_config(DPOConfig, str(whole / "config.yaml"))
+    model, _, reference = dpo.dpo_models(open_run(cfg, "dpo", whole), cfg.model.pretrain)
     enc = get_tokenizer()
     pairs, _ = pair_examples(load_records(files["hh"], "data.train"), DataArgs(max_length=48), enc, "d")
     batch = collate_dpo(pairs[:4])
@@ -214,14 +220,7 @@ def test_train_dpo_from_the_command_line_logs_its_metrics_and_loads_as_a_languag
     assert help_.returncode == 0 and "training/train_dpo.py --config ../configs/imdb/dpo.yaml" in out, err
     assert "--dpo.beta" in out and "--dpo.label_smoothing" in out and "ipo" in out
 
-
-def test_resume_after_sigkill_gives_the_weights_of_an_uninterrupted_run(tmp_path, files):
-    # short openings: a step here is mostly the 50257-way softmax, twice (policy and reference)
-    args = [*TINY_ARGS, "-p", files["sft"], "--data.train", files["reviews"], "--optim.lr", "1e-3",
-            "--data.max_length", "16", "--data.openings_only", "true", "--train.max_steps", "8",
-            "--train.save_every", "2", "--train.keep_checkpoints", "0", "--train.eval_every", "0",
-            "--dpo.label_smoothing", "0.1"]
-    whole = dpo.train(load_config(DPOConfig, overrides=[*args, "--run.out_dir", str(tmp_path / "whole")]))
+    # SIGKILL after checkpoint 2, then --resume: the uninterrupted run's weights, exactly
     out = tmp_path / "killed"
     run_dir = kill_after_checkpoint([sys.executable, "training/train_dpo.py", *args, "--run.out_dir", str(out)],
                                     SRC, out, 2)

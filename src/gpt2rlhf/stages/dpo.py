@@ -43,11 +43,12 @@ def response_logps(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, tor
     """(sum of log pi over each row's response tokens, how many there are), both (rows,),
     from logits (rows, T, V): position t-1 predicts token t, whose loss_mask decides.
     Prompt and padding tokens add nothing to the sum, so no gradient reaches them."""
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].float()
-    logits = logits[:, :-1].float()  # fp32 log-softmax, as lm_loss
-    logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            reduction="none").view_as(targets)
+    ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:].float()
+    # every position's logits as they are (no copy of a (rows, T-1, V) slice): the last one,
+    # which predicts nothing, gets the target -100 that cross_entropy ignores
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # fp32, as lm_loss
+    logp = logp.view_as(ids)[:, :-1]
     return (logp * mask).sum(-1), mask.sum(-1)
 
 

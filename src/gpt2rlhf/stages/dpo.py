@@ -13,10 +13,11 @@ the reward model's pairwise loss on those rewards (or IPO's squared loss, see lo
        KL on held-out pairs
 
 Reference log-probs are computed per batch, not precomputed over the training set: a run
-reads fewer pairs than the set holds (the IMDB preset 4,800 of 12,500; the HH one 128,000
+reads fewer pairs than the set holds (the IMDB preset 2,400 of 12,500; the HH one 128,000
 of 160,000), so a pass over the set costs more forwards than it saves; without gradients
-the reference forward is about a third of a step; under LoRA it needs no second copy of
-the model; and a resumed run computes exactly what the uninterrupted one did.
+the reference forward is about a third of a step (measured on a tiny model); under LoRA it
+needs no second copy of the model; and a resumed run computes exactly what the
+uninterrupted one did.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 # The RLHF pipeline through the real command-line stages, with the presets of configs/$TASK/:
 #   1. SFT        train_sft.py  (sft.yaml)
 #   2. RM         train_rm.py   (rm.yaml), from the SFT model
-#   3. PPO        train_ppo.py  (ppo.yaml), actor from SFT, critic and reward from the RM
-#   4. evaluate   evaluate.py   (eval.yaml), PPO against SFT
-# then PPO's reward and KL curves as a PNG. Everything lands in runs/ (or $OUT_DIR): the
+#   3. $ALGO      ppo (default): train_ppo.py (ppo.yaml), actor from SFT, critic and reward
+#                 from the RM; dpo: train_dpo.py (dpo.yaml), from SFT on the RM's pairs (the
+#                 RM is still trained: the evaluation reports its score of both models);
+#                 grpo / rloo: train_grpo.py (grpo.yaml), actor from SFT, reward from the RM
+#   4. evaluate   evaluate.py   (eval.yaml), the stage-3 model against SFT
+# then stage 3's training curves as a PNG. Everything lands in runs/ (or $OUT_DIR): the
 # stages' run folders and eval_<name>_<time>/ with report.md, curves.png, times.txt.
 #
 # TASK=imdb (default, 2 CPU cores): a tiny GPT-2 from scratch on IMDB review text; RM on
@@ -18,7 +21,9 @@
 #   e.g. bash scripts/pipeline.sh imdb                       (about 50 minutes on 2 CPU cores)
 #        bash scripts/pipeline.sh quick --train.max_steps 5  (a smoke run)
 #        TASK=hh bash scripts/pipeline.sh hh                  (GPU)
-# Per-stage options: $SFT_ARGS, $RM_ARGS, $PPO_ARGS, $EVAL_ARGS (split on spaces). The LLM
+#        ALGO=dpo bash scripts/pipeline.sh imdb_dpo           (DPO in place of PPO)
+#        ALGO=grpo bash scripts/pipeline.sh imdb_grpo         (GRPO; ALGO=rloo: RLOO)
+# Per-stage options: $SFT_ARGS, $RM_ARGS, $PPO_ARGS, $DPO_ARGS, $GRPO_ARGS, $EVAL_ARGS (split on spaces). The LLM
 # judge runs when $OPENAI_API_KEY is set (EVAL_ARGS="--judge-model ..." to choose it).
 # Interrupted? RESUME=1 bash scripts/pipeline.sh <same name>: each training stage continues
 # its latest run of that name from its last checkpoint (a finished one returns at once);
@@ -29,6 +34,12 @@ cd "$ROOT/src"
 TASK="${TASK:-imdb}"
 CONF="../configs/$TASK"
 if [ ! -f "$CONF/sft.yaml" ]; then echo "error: TASK=$TASK: no configs/$TASK/sft.yaml" >&2; exit 2; fi
+ALGO="${ALGO:-ppo}"  # stage 3: one case below per algorithm
+case "$ALGO" in
+  ppo|dpo|grpo) STAGE3="$ALGO" ;;
+  rloo) STAGE3=grpo ;;  # the critic-free stage with the leave-one-out baseline
+  *) echo "error: ALGO=$ALGO: choose ppo, dpo, grpo or rloo" >&2; exit 2 ;;
+esac
 NAME="${1:-$TASK}"
 shift || true
 EXTRA=("$@")
@@ -37,6 +48,8 @@ case "$OUT_DIR" in /*) RUNS="$OUT_DIR" ;; *) RUNS="$ROOT/$OUT_DIR" ;; esac
 read -r -a SFT_X <<< "${SFT_ARGS:-}"
 read -r -a RM_X <<< "${RM_ARGS:-}"
 read -r -a PPO_X <<< "${PPO_ARGS:-}"
+read -r -a DPO_X <<< "${DPO_ARGS:-}"
+read -r -a GRPO_X <<< "${GRPO_ARGS:-}"
 read -r -a EVAL_X <<< "${EVAL_ARGS:-}"
 
 TRAIN=() TEST=() EVAL_DATA=()
@@ -88,21 +101,37 @@ resume_of rm
 stage rm python training/train_rm.py --config "$CONF/rm.yaml" -n "$NAME" --run.out_dir "$RUNS" -p "$SFT" "${RES[@]}" \
   "${TRAIN[@]}" "${TEST[@]}" "${EXTRA[@]}" "${RM_X[@]}"
 RM=$(newest rm)
-resume_of ppo
-stage ppo python training/train_ppo.py --config "$CONF/ppo.yaml" -n "$NAME" --run.out_dir "$RUNS" "${RES[@]}" \
-  -a "$SFT" -c "$RM" "${TRAIN[@]}" "${EXTRA[@]}" "${PPO_X[@]}"
-PPO=$(newest ppo)
+resume_of "$STAGE3"
+case "$ALGO" in
+  ppo)
+    stage ppo python training/train_ppo.py --config "$CONF/ppo.yaml" -n "$NAME" --run.out_dir "$RUNS" "${RES[@]}" \
+      -a "$SFT" -c "$RM" "${TRAIN[@]}" "${EXTRA[@]}" "${PPO_X[@]}"
+    CURVES=(objective/raw_score objective/kl objective/kl_coef)  # reward-model score, KL to SFT, beta
+    ;;
+  dpo)
+    stage dpo python training/train_dpo.py --config "$CONF/dpo.yaml" -n "$NAME" --run.out_dir "$RUNS" -p "$SFT" \
+      "${RES[@]}" "${TRAIN[@]}" "${TEST[@]}" "${EXTRA[@]}" "${DPO_X[@]}"
+    CURVES=(objective/rewards_margin objective/rewards_accuracy objective/kl)  # implicit reward, KL to SFT
+    ;;
+  grpo|rloo)
+    stage "$ALGO" python training/train_grpo.py --config "$CONF/grpo.yaml" -n "$NAME" --run.out_dir "$RUNS" \
+      "${RES[@]}" -a "$SFT" --reward "$RM" --grpo.estimator "$ALGO" "${TRAIN[@]}" "${EXTRA[@]}" "${GRPO_X[@]}"
+    CURVES=(objective/raw_score objective/kl objective/kl_coef)  # reward-model score, KL to SFT, beta
+    ;;
+esac
+POLICY=$(newest "$STAGE3")
 EVAL="$RUNS/eval_${NAME}_$STAMP"
-stage evaluate python evaluate.py --config "$CONF/eval.yaml" -m "$PPO" -m "$SFT" --names ppo,sft \
+stage evaluate python evaluate.py --config "$CONF/eval.yaml" -m "$POLICY" -m "$SFT" --names "$ALGO,sft" \
   --reward-model "$RM" --reference "$SFT" --out "$EVAL" "${EVAL_DATA[@]}" "${JUDGE[@]}" "${EVAL_X[@]}"
-python ../scripts/plot_curves.py "$PPO" --out "$EVAL/curves.png" --title "PPO on $TASK ($NAME)"
+python ../scripts/plot_curves.py "$POLICY" --tags "${CURVES[@]}" --out "$EVAL/curves.png" \
+  --title "${ALGO^^} on $TASK ($NAME)"
 TIMES+=("total $(( $(date +%s) - start )) s ($(awk "BEGIN{printf \"%.1f\", ($(date +%s) - $start)/60}") min)")
 printf '%s\n' "${TIMES[@]}" > "$EVAL/times.txt"
-printf 'sft %s\nrm %s\nppo %s\n' "$SFT" "$RM" "$PPO" > "$EVAL/runs.txt"
+printf 'sft %s\nrm %s\n%s %s\n' "$SFT" "$RM" "$ALGO" "$POLICY" > "$EVAL/runs.txt"
 echo "=== done"
 echo "SFT: $SFT"
 echo "RM:  $RM"
-echo "PPO: $PPO"
+echo "${ALGO^^}: $POLICY"
 echo "report: $EVAL/report.md (curves.png, times.txt beside it)"
 printf '  %s\n' "${TIMES[@]}"
 echo "watch it with: tensorboard --logdir $RUNS"

@@ -22,7 +22,8 @@ LABELS = {"objective/raw_score": "reward-model score (raw)", "objective/kl": "KL
           "val/accuracy": "held-out pairwise accuracy", "policy/clipfrac": "clipfrac (share of clipped ratios)",
           "policy/approxkl": "approxkl (policy change per update)", "policy/ratio_max": "largest ratio pi/pi_old",
           "objective/entropy": "entropy per token (nats)", "val/explained_variance": "explained variance (critic)",
-          "loss/value": "value loss"}
+          "loss/value": "value loss", "objective/rewards_margin": "implicit reward margin (DPO)",
+          "objective/rewards_accuracy": "implicit reward accuracy (DPO)"}
 COLOURS = ["#1565c0", "#c62828", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f"]
 
 

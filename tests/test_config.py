@@ -2,7 +2,7 @@
 
 import pytest
 
-from gpt2rlhf.config import (PPOConfig, ConfigError, RMConfig, SFTConfig, load_config, parse_cli,
+from gpt2rlhf.config import (PPOConfig, ConfigError, DPOConfig, RMConfig, SFTConfig, load_config, parse_cli,
                              save_config)
 
 
@@ -107,10 +107,10 @@ def test_every_preset_loads():
     presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
     assert len(presets) >= 4
     for path in presets:
-        cls = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}.get(path.stem)
+        cls = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}.get(path.stem)
         if cls is None:
             continue
-        overrides = {"model": {"pretrain": "gpt2"}} if path.stem == "rm" else None  # the RM needs -p
+        overrides = {"model": {"pretrain": "gpt2"}} if path.stem in ("rm", "dpo") else None  # they need -p
         cfg = load_config(cls, str(path), overrides)
         assert cfg.run.exp_name in ("imdb", "hh")
 

@@ -25,6 +25,7 @@ STAGE_ARGS = {
     "SFT_ARGS": "--model.n_layer 1 --model.n_head 2 --model.n_embd 32 --model.block_size 64 --data.max_length 48 "
                 "--data.max_eval_examples 8",
     "RM_ARGS": "--data.max_eval_examples 8",
+    "DPO_ARGS": "--data.max_eval_examples 8",
     "PPO_ARGS": "--ppo.mini_batch_size 2 --ppo.normalization_samples 4 --ppo.max_new_tokens 6 --ppo.min_new_tokens 2 "
                 "--prompts.max_tokens 4 --data.eval_size 4 --train.save_every 1",
     "EVAL_ARGS": "--num-prompts 6 --batch-size 6 --max-new-tokens 6 --min-new-tokens 2 --samples 2"}
@@ -73,6 +74,18 @@ def test_pipeline_smoke(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_curves.py"), str(ppo), "--tags", "objective/nope"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no scalar objective/nope" in res.stderr and "objective/kl" in res.stderr
+
+    # ALGO=dpo: DPO in place of PPO, from the same SFT (RESUME=1: the finished SFT and RM return at once)
+    run_pipeline(tmp_path, ALGO="dpo", RESUME="1")
+    (dpo,) = runs.glob("dpo_smoke_*")
+    assert isinstance(load(str(dpo), kind="lm"), GPT)
+    ev = max(runs.glob("eval_smoke_*"))
+    summary = json.loads((ev / "summary.json").read_text())
+    assert {"rm_score", "kl_to_reference", "positive_share"} <= set(summary["metrics"]["dpo"])
+    assert (ev / "runs.txt").read_text().split() == ["sft", str(sft), "rm", str(rm), "dpo", str(dpo)]
+    assert [t.split()[0] for t in (ev / "times.txt").read_text().splitlines()] == \
+        ["sft", "rm", "dpo", "evaluate", "total"]
+    assert (ev / "curves.png").stat().st_size > 1000
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -297,6 +297,54 @@ class RMConfig:
 
 
 @dataclass
+class DPOArgs:
+    """DPO's objective (Rafailov et al. 2023): the policy itself is the reward model, with
+    implicit reward beta * (log pi(y|x) - log pi_ref(y|x)); the reference is the SFT model."""
+
+    beta: float = 0.1
+    """Strength of the KL tie to the reference (DPO's beta; IPO's tau). Lower lets the
+    policy move further from the SFT model for the same preference margin."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO: -log sigmoid of the implicit reward margin) | ipo (Azar et al. 2023:
+    the squared distance of the mean-per-token log-ratio margin to 1 / (2 beta))."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (sigmoid loss only): the share of preference labels assumed wrong,
+    in [0, 0.5); 0 is plain DPO."""
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(f"dpo.loss must be sigmoid or ipo, got {self.loss!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ConfigError(f"dpo.label_smoothing ({self.label_smoothing}) applies to the sigmoid loss only, "
+                              f"not to ipo; set it to 0")
+
+
+@dataclass
+class DPOConfig:
+    """DPO: the SFT model trained directly on preference pairs, no reward model, no sampling."""
+
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(preset="gpt2"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimArgs = field(default_factory=lambda: OptimArgs(lr=1e-6, weight_decay=0.0))
+    data: DataArgs = field(default_factory=DataArgs)
+    dpo: DPOArgs = field(default_factory=DPOArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def __post_init__(self):
+        if self.model.dropout:
+            # policy and reference must be the same function at the start (loss log 2, rewards
+            # 0), and a log-ratio with dropout noise in one side only is biased (TRL turns
+            # dropout off for DPO too)
+            raise ConfigError(f"model.dropout must be 0 for DPO, got {self.model.dropout}: the policy's "
+                              f"log-probs are compared with the reference's, which has no dropout")
+
+
+@dataclass
 class PPOArgs:
     """One PPO iteration: rollout, score, KL, GAE, then epochs of minibatch updates.
 

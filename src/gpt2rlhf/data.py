@@ -389,8 +389,9 @@ def collate_sft(batch: list[dict]) -> dict:
 # ------------------------------------------------------------------ reward pairs
 
 def pair_examples(ds, args: DataArgs, enc, name: str, seed: int = 0) -> tuple[list[dict], Stats]:
-    """Examples {"chosen", "rejected"} (token ids, prompt included), from HH-style records
-    or, for labelled text, from (positive, negative) records paired at random."""
+    """Examples {"chosen", "rejected"} (token ids, prompt included) and "prompt_len" (the
+    prompt tokens both start with; 0 for labelled text), from HH-style records or, for
+    labelled text, from (positive, negative) records paired at random."""
     fmt = args.format if args.format != "auto" else detect_format(ds.column_names, name)
     stats = Stats(name, records=len(ds))
     pairs: list[tuple[str, str, str]] = []
@@ -429,7 +430,7 @@ def pair_examples(ds, args: DataArgs, enc, name: str, seed: int = 0) -> tuple[li
         if c == r:  # truncation cut away all that told them apart
             stats.skip("pairs identical after truncation")
             continue
-        examples.append({"chosen": p + c, "rejected": p + r})
+        examples.append({"chosen": p + c, "rejected": p + r, "prompt_len": len(p)})
     stats.examples = len(examples)
     _require(examples, stats, args)
     return examples, stats
@@ -440,6 +441,21 @@ def collate_pairs(batch: list[dict]) -> dict:
     scores both; the reward is read at each row's last real token."""
     ids, attn = right_pad([e["chosen"] for e in batch] + [e["rejected"] for e in batch])
     return {"input_ids": ids, "attention_mask": attn}
+
+
+def collate_dpo(batch: list[dict]) -> dict:
+    """collate_pairs' batch (chosen rows, then rejected rows) and a loss_mask that is 1 on
+    each row's response tokens: after its prompt_len prompt tokens, before the padding.
+
+    Labelled pairs (IMDB) have no shared prompt: two different reviews, each one whole
+    response, so every token of the text is its response except the first, which nothing
+    predicts (there is no BOS token; adding one would give DPO other inputs than the
+    reward model reads). Position 0 is never in the mask for that reason."""
+    out = collate_pairs(batch)
+    prompt = torch.tensor([e.get("prompt_len", 0) for e in batch] * 2)  # (2B,)
+    cols = torch.arange(out["input_ids"].size(1))
+    out["loss_mask"] = out["attention_mask"] * (cols[None] >= prompt.clamp(min=1)[:, None])
+    return out
 
 
 # ------------------------------------------------------------------ PPO prompts

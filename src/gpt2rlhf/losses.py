@@ -1,4 +1,5 @@
-"""Losses of the three stages: masked LM loss, pairwise reward loss (PPO's come with it)."""
+"""Losses of the stages: masked LM loss, pairwise reward loss, PPO's policy and value
+losses, and DPO's (with its IPO and conservative variants)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,42 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """-log sigmoid(r_chosen - r_rejected), the Bradley-Terry loss of InstructGPT's reward
     model (Ouyang et al. 2022, eq. 1). logsigmoid is stable for large margins."""
     return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen rewards, rejected rewards) of a batch of preference pairs, from the
+    log-probabilities of each response under the policy and the reference, all (B,).
+
+    The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov
+    et al. 2023, eq. 5), and h = (pc - rc) - (pr - rr) is how much more the policy prefers
+    the chosen response than the reference does.
+      sigmoid  DPO (eq. 7): -log sigmoid(beta * h). With label_smoothing eps, conservative
+               DPO (Mitchell 2023, "A note on DPO with noisy preferences", eq. 3): each label
+               is taken as wrong with probability eps, -(1 - eps) log sigmoid(beta h) - eps
+               log sigmoid(-beta h), whose optimum is a finite margin, not an ever larger one.
+      ipo      IPO (Azar et al. 2023, eq. 17): (h - 1 / (2 beta))^2, a squared loss that
+               regresses h to a fixed target instead of pushing it to infinity; here beta
+               is the paper's tau. The paper's h is built from sequence log-likelihoods;
+               like TRL, callers pass the mean log-prob per response token for IPO (so
+               that 1 / (2 beta) is a per-token margin whatever the response lengths).
+    label_smoothing is for the sigmoid loss only (IPO has its own regulariser). The
+    rewards are detached: they are for logging."""
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
+    chosen_ratio = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = policy_rejected_logps.float() - ref_rejected_logps.float()
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        logits = beta * h
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

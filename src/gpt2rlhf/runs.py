@@ -18,7 +18,7 @@ from .checkpoint import META_FILE, CheckpointError, latest_checkpoint, list_chec
 
 CHECKPOINTS = "checkpoints"
 STAGE_SCRIPTS = {"sft": "training/train_sft.py", "rm": "training/train_rm.py", "ppo": "training/train_ppo.py",
-                 "grpo": "training/train_grpo.py"}
+                 "grpo": "training/train_grpo.py", "dpo": "training/train_dpo.py"}
 
 
 def checkpoints_of(run_dir: Path) -> Path:

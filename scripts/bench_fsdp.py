@@ -60,7 +60,7 @@ def run(mode: str, args, data: Path, out: Path) -> dict:
     head = [sys.executable] if mode == "single" else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        "--nproc_per_node", str(nproc)]
     cmd = [*head, str(script), "--model.preset", args.preset, "--model.block_size", str(args.seq),
-           "--data.train", str(data), "--data.format", "text", "--data.loss_on", "all", "--data.max_length", str(args.seq),
+           "--data.train", str(data), "--data.format", "text", "--data.loss_on", "all", "--data.packing", "true", "--data.max_length", str(args.seq),
            "--data.eval_size", "4", "--train.eval_batches", "1", "-b", str(nproc), "--train.max_steps",
            str(args.steps), "--train.log_every", "1", "--train.save_every", "0", "--train.device", args.device,
            "--train.dtype", args.dtype, "--run.out_dir", str(out / mode), "--optim.warmup_steps", "1"]

@@ -163,3 +163,19 @@ def generate(
                 logits = model(tokens[:, t : t + 1], attention_mask=step_mask, cache=cache)[:, -1]
     n = t + 1
     return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])
+
+
+def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One next token per row of logits (B, V), each row with its own settings and random
+    generator: the rows of a server's batch belong to different requests, and a request's
+    `seed` must give the same sample whoever else shares its batch. Temperature 0 is greedy.
+    Same sampler as `generate` (softmax(logits / T), top-k, top-p, inverse-CDF draw)."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    for i, (t, k, p, g) in enumerate(zip(temperatures, top_ks, top_ps, generators)):
+        if t > 0:
+            logp = F.log_softmax(logits[i:i + 1] / t, dim=-1)
+            probs = F.softmax(filter_logits(logp, k, p), dim=-1) if k > 0 or p < 1.0 else logp.exp()
+            tokens[i] = sample(probs, g)[0]
+    return tokens

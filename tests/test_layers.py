@@ -95,7 +95,8 @@ LAYERS = {  # docs/architecture.md's table: a module imports only its own layer 
     2: {"hf", "checkpoint", "data"},
     3: {"runs"},
     4: {"loading"},
-    5: {"stages", "stages.common", "stages.sft", "stages.rm", "stages.ppo", "rewards", "inspector", "evaluation",
+    5: {"stages", "stages.common", "stages.sft", "stages.rm", "stages.ppo", "rewards", "inspector", "chat", "serving",
+        "evaluation",
         "evaluation.metrics",
         "evaluation.sentiment"},
 }

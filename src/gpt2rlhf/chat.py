@@ -161,8 +161,9 @@ HELP = """commands: /reset (forget the conversation), /temperature X, /top_p X, 
 /stats (tokens each turn fed through the model), /help, /quit (or Ctrl-D)"""
 
 
-def command(session: ChatSession, line: str, out=sys.stdout) -> bool:
+def command(session: ChatSession, line: str, out=None) -> bool:
     """Run one /command; False when it was /quit. A bad value is a message, not an exit."""
+    out = out or sys.stdout
     name, _, value = line[1:].partition(" ")
     s, block = session.settings, session.model.config.block_size
     setters = {

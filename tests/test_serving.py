@@ -220,3 +220,37 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     while engine.active and time.time() < deadline:
         time.sleep(0.01)
     assert engine.active == 0 and engine.stats["cancelled_rows"] == cancelled + 1
+
+
+def test_evaluate_compares_a_served_model_like_a_checkpoint(server, tmp_path, monkeypatch, capsys):
+    """evaluate.py with -m openai:<url>#tiny (this server) and the same weights as a local
+    checkpoint: at temperature 0 both give the same responses; the served one has no KL."""
+    import evaluate
+
+    monkeypatch.setenv("SERVED_API_KEY", KEY)
+    local = tiny_checkpoint(tmp_path / "local")
+    prompts = tmp_path / "hh.jsonl"
+    prompts.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: Answer {i}.",
+                                           "rejected": "\n\nHuman: Q?\n\nAssistant: No."}) + "\n" for i in range(4)))
+    out = tmp_path / "eval"
+    evaluate.main(["-m", f"openai:{server[0]}/v1#tiny", "-m", str(local), "--names", "served,local", "--no-judge",
+                   "--prompts", str(prompts), "--num-prompts", "4", "--max-new-tokens", "8", "--temperature", "0",
+                   "--samples", "0", "--device", "cpu", "--out", str(out)])
+    enc = get_tokenizer()
+
+    def texts(name):
+        return [enc.decode([t for t in r if t != EOT_TOKEN]) for r in
+                json.loads((out / f"responses_{name}.json").read_text())["responses"]]
+
+    assert texts("served") == texts("local")
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    assert "kl_to_reference" not in metrics["served"] and "kl_to_reference" in metrics["local"]
+    assert "reference_perplexity" in metrics["served"]
+    assert "Served models (served): no KL" in (out / "report.md").read_text()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["-m", f"openai:{server[0]}/v1#nope", "-m", str(local), "--no-judge", "--prompts", str(prompts),
+                       "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has no model `nope`; it has tiny" in err and not (tmp_path / "bad").exists()

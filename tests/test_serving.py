@@ -254,3 +254,19 @@ def test_evaluate_compares_a_served_model_like_a_checkpoint(server, tmp_path, mo
                        "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "has no model `nope`; it has tiny" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "x", "--port", "70000"], "argument --port: must be a port number"),
+    (["-p", "x", "--max-batch", "0"], "argument --max-batch: must be >= 1"),
+    (["-p", "x", "--api-key", ""], "argument --api-key: give a non-empty key"),
+    (["--port", "8000"], "give -p/--pretrain"),
+    (["-p", "./no/such/run"], "no such file or folder"),
+])
+def test_serve_bad_options_are_one_line_and_status_2(argv, message, capsys):
+    import serve as serve_cli
+
+    with pytest.raises(SystemExit) as e:
+        serve_cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -141,7 +141,7 @@ def main():
         print(f"| {r['clients']} | {r['requests']} ({r['complete']}) | {r['tokens']} | {r['wall_s']} | "
               f"{r['tokens_per_s']} | {r['tokens_per_s'] / base:.1f} | {r['p50_latency_s']} | {r['max_latency_s']} | "
               f"{r['mean_first_token_s']} |")
-    print(f"\nengine: {health['rounds']} decode rounds, {health['rows']} rows, largest batch "
+    print(f"\nengine: {health['steps']} decode steps, {health['prefills']} prefills, {health['rows']} rows, largest batch "
           f"{health['largest_batch']}; after the load the server answered ({after['finish']}, {after['tokens']} tokens)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "engine": health}, indent=2))

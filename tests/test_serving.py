@@ -134,6 +134,27 @@ def test_eos_ends_a_reply_with_finish_reason_stop(tmp_path):
         thread.join(timeout=10)
 
 
+@pytest.mark.parametrize("a_prompt, b_prompt", [
+    ("A long story begins like this", "Short"),  # B padded on the left to A's columns
+    ("Hi", "A much longer prompt than the one already decoding, by many tokens"),  # A padded to B's
+])
+def test_a_request_joins_a_running_batch_and_both_keep_their_own_text(server, client, a_prompt, b_prompt):
+    """Continuous batching: B arrives while A decodes, is prefilled, joins A's batch (the
+    two laid side by side in one cache) and leaves it; each gets the text it gets alone."""
+    engine = server[1].state.engine
+    a = dict(model="tiny", prompt=a_prompt, max_tokens=100, temperature=0)
+    b = dict(model="tiny", prompt=b_prompt, max_tokens=10, temperature=0)
+    a_alone, b_alone = (client.completions.create(**x).choices[0].text for x in (a, b))
+    before = dict(engine.stats)
+    chunks = iter(client.completions.create(**a, stream=True))
+    a_text = next(chunks).choices[0].text  # A is decoding now
+    b_text = client.completions.create(**b).choices[0].text
+    a_text += "".join(c.choices[0].text for c in chunks)
+    assert (a_text, b_text) == (a_alone, b_alone)
+    assert engine.stats["prefills"] - before["prefills"] == 2
+    assert engine.stats["steps"] - before["steps"] < 100 + 10  # B's steps were A's steps
+
+
 def test_a_seed_gives_the_same_samples_and_n_gives_n_choices(client):
     def ask(seed):
         r = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.0, top_p=0.95,
@@ -186,7 +207,7 @@ def test_bad_chat_requests_through_the_client(client):
 
 
 def test_32_concurrent_streaming_clients_are_all_answered_in_shared_batches(server, client):
-    rounds_before = server[1].state.engine.stats["rounds"]
+    prefills_before = server[1].state.engine.stats["prefills"]
 
     def one_client(i):
         texts = []
@@ -203,7 +224,7 @@ def test_32_concurrent_streaming_clients_are_all_answered_in_shared_batches(serv
     assert len(answers) == 32 and all(len(a) == 2 for a in answers)
     stats = requests.get(server[0] + "/health", timeout=10).json()
     assert stats["in_flight"] == 0
-    assert stats["largest_batch"] > 1 and stats["rounds"] - rounds_before < 64  # requests shared decode rounds
+    assert stats["largest_batch"] > 1 and stats["prefills"] - prefills_before < 64  # requests joined batches together
     assert client.completions.create(model="tiny", prompt="Still there?", max_tokens=2).choices[0].text is not None
 
 

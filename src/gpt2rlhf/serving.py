@@ -7,12 +7,13 @@ JavaScript, nothing fetched from elsewhere). Chat messages become the HH-RLHF tr
 SFT preset trains on (chat.py), and a reply stops at the next "\\n\\nHuman:".
 
 Batching: one thread, the `Engine`, owns the model. A request becomes a `Job` (one row per
-choice) in a queue; each round the engine takes the waiting jobs (up to `max_batch` rows,
-waiting `batch_wait` seconds after the first for others to arrive), left-pads their prompts,
-prefills them together and decodes them step by step, one forward pass per token for the
-whole batch. Rows finish independently (EOS, a stop string, `max_tokens`, the client gone);
-the round ends when every row has. Jobs that arrive meanwhile wait for the next round. So
-concurrent clients share decode steps, and throughput grows with them (BENCHMARKS.md).
+choice) in a queue. The engine decodes all admitted rows together, one forward pass per
+token for the whole batch (up to `max_batch` rows). Rows finish independently (EOS, a stop
+string, `max_tokens`, the client gone) and leave the batch; requests that arrive while it
+decodes are prefilled together and join it at the next step (continuous batching), instead
+of waiting for the whole batch to finish. When idle, the engine waits `batch_wait` seconds
+after a first request for the others sent with it. So concurrent clients share decode
+steps, and throughput grows with them (BENCHMARKS.md).
 
 Every row has its own settings and random generator (`seed` + the choice's index when a
 seed is given), so a seeded request samples the same text whoever shares its batch (up to
@@ -154,13 +155,36 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set by the request when its client goes; the engine drops the rows
+    left: int = 0  # rows not ended yet (the engine's count)
 
     def emit(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass
+class Row:
+    """One sequence being decoded: a choice of a job, with its own text stream and generator."""
+
+    job: Job
+    index: int
+    stream: TextStream
+    generator: torch.Generator
+    count: int = 0  # tokens sampled
+    done: bool = False
+
+
 class Engine:
-    """The thread that owns the model and decodes rounds of batched jobs (module docstring)."""
+    """The thread that owns the model and decodes the batch of all admitted rows, one forward
+    pass per token (module docstring).
+
+    The batch is one KV cache, left-padded: every row's next token goes in the same column.
+    Rows join at any step: the waiting jobs' prompts are prefilled together in a cache of
+    their own, which is then laid next to the running one, both right-aligned at the same
+    column (the shorter side padded on the left, masked; positions come from the mask, so
+    padding never shifts them). Finished rows leave the batch at the next step, and columns
+    no remaining row uses are cut from the left, so the cache stays as short as its rows.
+    A job that does not fit (`max_batch` rows, or the padded length plus the tokens still to
+    come exceeding the context) waits, and so do the jobs behind it (first come, first served)."""
 
     def __init__(self, model, enc, max_batch: int = 32, batch_wait: float = 0.01, max_concurrent: int = 128):
         self.model, self.enc = model, enc
@@ -168,11 +192,12 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_batch, self.batch_wait, self.max_concurrent = max_batch, batch_wait, max_concurrent
         self.inbox: queue.Queue = queue.Queue()
-        self.waiting: collections.deque[Job] = collections.deque()  # taken from the inbox, not yet decoded
+        self.waiting: collections.deque[Job] = collections.deque()  # taken from the inbox, not yet admitted
         self.lock = threading.Lock()
         self.active = 0  # jobs admitted and not finished (the concurrency limit counts these)
-        self.stats = {"rounds": 0, "rows": 0, "largest_batch": 0, "tokens": 0, "cancelled_rows": 0}
+        self.stats = {"steps": 0, "prefills": 0, "rows": 0, "largest_batch": 0, "tokens": 0, "cancelled_rows": 0}
         self.thread = threading.Thread(target=self._run, name="gpt2rlhf-engine", daemon=True)
+        self.stopping = False
 
     def start(self):
         self.thread.start()
@@ -189,121 +214,189 @@ class Engine:
                                     f"{self.max_concurrent}); retry shortly", type="rate_limit_error",
                                code="rate_limit_exceeded")
             self.active += 1
-        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        job.loop, job.events, job.left = asyncio.get_running_loop(), asyncio.Queue(), len(job.rows)
         self.inbox.put(job)
         return job
 
-    def _finished(self, job: Job):
+    def _release(self, job: Job):
         with self.lock:
             self.active -= 1
 
-    def _run(self):
-        while (batch := self._gather()) is not None:
-            try:
-                self._decode(batch)
-            except Exception as e:  # noqa: BLE001 - one bad round must not stop the server
-                log.exception("decode round failed")
-                for job in batch:
-                    for i in range(len(job.rows)):
-                        job.emit("error", i, f"generation failed ({type(e).__name__})")
-            finally:
-                for job in batch:
-                    self._finished(job)
+    # -------------------------------------------------------------- the loop
 
-    def _gather(self) -> list[Job] | None:
-        """The next round's jobs, oldest first: as many as fit `max_batch` rows and, padded
-        together, the context (longest prompt + largest max_tokens); None to stop."""
-        if not self.waiting:
-            job = self.inbox.get()
+    def _run(self):
+        rows: list[Row] = []
+        cache, logits, admit = None, None, []
+        while not self.stopping:
+            try:
+                self._receive(block=not rows)
+                if self.stopping:
+                    break
+                rows, cache, logits = self._drop_ended(rows, cache, logits)
+                admit = self._admissible(rows, cache)
+                if admit:
+                    rows, cache, logits = self._admit(admit, rows, cache, logits)
+                    admit = []
+                if rows:
+                    logits = self._step(rows, cache, logits)
+            except Exception as e:  # noqa: BLE001 - one failed step must not stop the server
+                log.exception("decoding failed")
+                message = f"generation failed ({type(e).__name__})"
+                for row in rows:
+                    if not row.done:
+                        row.job.emit("error", row.index, message)
+                        self._end_row(row)
+                for job in admit:  # taken from the queue, not yet rows
+                    job.emit("error", 0, message)
+                    self._release(job)
+                rows, cache, logits, admit = [], None, None, []
+
+    def _receive(self, block: bool):
+        """Move what arrived into `waiting`; when idle, wait for a job and then `batch_wait`
+        seconds for the jobs sent at about the same time."""
+        def put(job):
             if job is None:
-                return None
-            self.waiting.append(job)
+                self.stopping = True
+            else:
+                self.waiting.append(job)
+        if block and not self.waiting:
+            put(self.inbox.get())
             deadline = time.monotonic() + self.batch_wait
-            while sum(len(j.rows) for j in self.waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            while not self.stopping and (left := deadline - time.monotonic()) > 0 and \
+                    sum(len(j.rows) for j in self.waiting) < self.max_batch:
                 try:
-                    job = self.inbox.get(timeout=left)
+                    put(self.inbox.get(timeout=left))
                 except queue.Empty:
                     break
-                if job is None:
-                    return None
-                self.waiting.append(job)
-        while True:  # whatever else arrived meanwhile
+        while not self.stopping:
             try:
-                job = self.inbox.get_nowait()
+                put(self.inbox.get_nowait())
             except queue.Empty:
                 break
-            if job is None:
-                return None
-            self.waiting.append(job)
-        batch, rows, longest, most = [], 0, 0, 0
-        for job in list(self.waiting):
+
+    def _admissible(self, rows: list[Row], cache: KVCache | None) -> list[Job]:
+        """The waiting jobs that join the batch now, first come first served."""
+        n, used = len(rows), self._used_length(cache)
+        still = max((r.job.max_tokens - r.count for r in rows), default=0)
+        admit = []
+        while self.waiting:
+            job = self.waiting[0]
             if job.cancelled:
-                self.waiting.remove(job)
-                self._finished(job)
+                self.waiting.popleft()
+                self._release(job)
                 continue
-            p = max(len(r) for r in job.rows)
-            fits = rows + len(job.rows) <= self.max_batch and max(longest, p) + max(most, job.max_tokens) <= self.block_size
-            if fits or not batch:  # a job alone always fits (checked when it was made)
-                batch.append(job)
-                self.waiting.remove(job)
-                rows, longest, most = rows + len(job.rows), max(longest, p), max(most, job.max_tokens)
-        return batch
+            longest = max(used, max(len(p) for p in job.rows))
+            still_after = max(still, job.max_tokens)
+            if n + len(job.rows) > self.max_batch or longest + still_after > self.block_size:
+                break  # checked alone when the request came, so it fits once the batch drains
+            admit.append(self.waiting.popleft())
+            n, used, still = n + len(job.rows), longest, still_after
+        return admit
+
+    @staticmethod
+    def _used_length(cache: KVCache | None) -> int:
+        """Columns of the cache from the first one a row uses to the end of what is written."""
+        if cache is None:
+            return 0
+        used = cache.mask[:, :cache.pos].any(dim=0).nonzero()
+        return cache.pos - int(used[0]) if len(used) else 0
+
+    def _drop_ended(self, rows, cache, logits):
+        """The batch without its ended rows (a client gone counts as ended)."""
+        for row in rows:
+            if row.job.cancelled and not row.done:
+                self.stats["cancelled_rows"] += 1
+                self._end_row(row)
+        keep = [i for i, row in enumerate(rows) if not row.done]
+        if len(keep) == len(rows):
+            return rows, cache, logits
+        if not keep:
+            return [], None, None
+        index = torch.tensor(keep, device=self.device)
+        for layer in range(cache.n_layer):
+            cache.k[layer], cache.v[layer] = cache.k[layer][index], cache.v[layer][index]
+        cache.mask = cache.mask[index]
+        return [rows[i] for i in keep], cache, logits[index]
 
     @torch.no_grad()
-    def _decode(self, jobs: list[Job]):
-        rows = [(job, i, prompt) for job in jobs for i, prompt in enumerate(job.rows)]
-        B, steps = len(rows), max(job.max_tokens for job in jobs)
-        self.stats["rounds"] += 1
-        self.stats["rows"] += B
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], B)
-        ids, mask = left_pad([prompt for _, _, prompt in rows], EOT_TOKEN)
+    def _admit(self, jobs: list[Job], rows: list[Row], cache: KVCache | None, logits):
+        """Prefill the jobs' prompts and lay their cache next to the running one."""
+        new_rows = []
+        for job in jobs:
+            for i in range(len(job.rows)):
+                g = torch.Generator(self.device)
+                g.manual_seed(job.seed + i if job.seed is not None else secrets.randbits(63))
+                new_rows.append(Row(job, i, TextStream(self.enc, job.stop, job.lstrip), g))
+        ids, mask = left_pad([p for job in jobs for p in job.rows], EOT_TOKEN)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = KVCache(self.model.config, B, ids.size(1) + steps, device=self.device)
-        logits = self.model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
-        streams = [TextStream(self.enc, job.stop, job.lstrip) for job, _, _ in rows]
-        generators = []
-        for job, i, _ in rows:
-            g = torch.Generator(self.device)
-            generators.append(g.manual_seed(job.seed + i) if job.seed is not None else g.manual_seed(
-                secrets.randbits(63)))
-        settings = ([job.temperature for job, _, _ in rows], [job.top_k for job, _, _ in rows],
-                    [job.top_p for job, _, _ in rows])
-        counts, done = [0] * B, [False] * B
-        step_mask = torch.ones(B, 1, dtype=torch.long, device=self.device)
+        fresh = KVCache(self.model.config, ids.size(0), ids.size(1), device=self.device)
+        new_logits = self.model(ids, attention_mask=mask, cache=fresh, last_only=True)[:, -1]
+        rows = rows + new_rows
+        still = max(r.job.max_tokens - r.count for r in rows)
+        cache = self._side_by_side(cache, fresh, still)
+        self.stats["prefills"] += 1
+        self.stats["rows"] += len(new_rows)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        return rows, cache, new_logits if logits is None else torch.cat([logits, new_logits])
 
-        def end(r: int, reason: str):
-            job, i, _ = rows[r]
-            if text := streams[r].flush():
-                job.emit("text", i, text)
-            job.emit("end", i, reason, counts[r])
-            done[r] = True
+    def _side_by_side(self, old: KVCache | None, new: KVCache, room: int) -> KVCache:
+        """One cache: the rows of `old` (its unused left columns cut) then those of `new`,
+        right-aligned at a shared column, with room for `room` more tokens."""
+        if old is None:
+            old_len, first, B_old = 0, 0, 0
+        else:
+            old_len, B_old = self._used_length(old), old.mask.size(0)
+            first = old.pos - old_len
+        pos = max(old_len, new.pos)
+        cache = KVCache(self.model.config, B_old + new.mask.size(0), pos + room, device=self.device)
+        cache.mask[:B_old, pos - old_len:pos] = old.mask[:, first:old.pos] if old is not None else False
+        cache.mask[B_old:, pos - new.pos:pos] = new.mask[:, :new.pos]
+        for layer in range(cache.n_layer):
+            for mine, theirs_old, theirs_new in ((cache.k, old and old.k, new.k), (cache.v, old and old.v, new.v)):
+                B, nh, _, hs = theirs_new[layer].shape
+                buf = theirs_new[layer].new_zeros(B_old + B, nh, pos + room, hs)
+                if old is not None:
+                    buf[:B_old, :, pos - old_len:pos] = theirs_old[layer][:, :, first:old.pos]
+                buf[B_old:, :, pos - new.pos:pos] = theirs_new[layer][:, :, :new.pos]
+                mine[layer] = buf
+        cache.pos = pos
+        return cache
 
-        for _ in range(steps):
-            for r, (job, _, _) in enumerate(rows):
-                if job.cancelled and not done[r]:
-                    done[r] = True
-                    self.stats["cancelled_rows"] += 1
-            if all(done):
-                break
-            tokens = sample_rows(logits, *settings, generators)
-            for r, token in enumerate(tokens.tolist()):
-                if done[r]:
-                    continue
-                job, i, _ = rows[r]
-                counts[r] += 1
-                self.stats["tokens"] += 1
-                if token == EOT_TOKEN:
-                    end(r, "stop")
-                    continue
-                if text := streams[r].push(token):
-                    job.emit("text", i, text)
-                if streams[r].stopped:
-                    end(r, "stop")
-                elif counts[r] >= job.max_tokens:
-                    end(r, "length")
-            if all(done):
-                break
-            logits = self.model(tokens[:, None], attention_mask=step_mask, cache=cache)[:, -1]
+    @torch.no_grad()
+    def _step(self, rows: list[Row], cache: KVCache, logits) -> torch.Tensor:
+        """Sample one token for every row, send what became text, end the rows that are
+        done, then run the batch's tokens through the model: the next logits."""
+        jobs = [r.job for r in rows]
+        tokens = sample_rows(logits, [j.temperature for j in jobs], [j.top_k for j in jobs],
+                             [j.top_p for j in jobs], [r.generator for r in rows])
+        self.stats["steps"] += 1
+        for row, token in zip(rows, tokens.tolist()):
+            row.count += 1
+            self.stats["tokens"] += 1
+            if token == EOT_TOKEN:
+                self._end_row(row, "stop")
+                continue
+            if text := row.stream.push(token):
+                row.job.emit("text", row.index, text)
+            if row.stream.stopped:
+                self._end_row(row, "stop")
+            elif row.count >= row.job.max_tokens:
+                self._end_row(row, "length")
+        if all(row.done for row in rows):
+            return logits  # the batch is dropped before the next step
+        step_mask = torch.ones(len(rows), 1, dtype=torch.long, device=self.device)
+        return self.model(tokens[:, None], attention_mask=step_mask, cache=cache)[:, -1]
+
+    def _end_row(self, row: Row, reason: str | None = None):
+        """A row ends: its held-back text and its end event (none for a client gone)."""
+        row.done = True
+        if reason is not None:
+            if text := row.stream.flush():
+                row.job.emit("text", row.index, text)
+            row.job.emit("end", row.index, reason, row.count)
+        row.job.left -= 1
+        if row.job.left == 0:
+            self._release(row.job)
 
 
 # ------------------------------------------------------------------ the OpenAI request bodies

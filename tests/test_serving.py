@@ -105,6 +105,9 @@ def test_chat_streamed_equals_not_streamed_at_temperature_0(client):
     assert text == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]  # content as parts
+    assert client.chat.completions.create(model="tiny", messages=parts, max_tokens=10,
+                                          temperature=0).choices[0].message.content == choice.message.content
 
 
 def test_a_stop_string_ends_the_text_before_it_streamed_or_not(client):

@@ -416,9 +416,18 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]  # a string, or OpenAI's list of content parts (text only)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(BaseModel):
@@ -440,10 +449,10 @@ class ChatRequest(BaseModel):
 def transcript(messages: list[Message]) -> str:
     """Chat messages as the HH-RLHF transcript, ending where the assistant's reply begins.
     System messages (HH has none) go first, as plain text."""
-    text = "\n\n".join(m.content.strip() for m in messages if m.role == "system")
+    text = "\n\n".join(m.text.strip() for m in messages if m.role == "system")
     for m in messages:
         if m.role != "system":
-            text += f"{HUMAN if m.role == 'user' else ASSISTANT} {m.content.strip()}"
+            text += f"{HUMAN if m.role == 'user' else ASSISTANT} {m.text.strip()}"
     return text + ASSISTANT
 
 
@@ -568,12 +577,16 @@ def build_app(model, enc, settings: ServerSettings) -> FastAPI:
                 if kind == "chat":
                     for i in range(len(job.rows)):
                         yield sse(chunk_head | {"choices": [choice(i, first=True)]})
-                async for event in events(job):
-                    if event[0] == "text":
-                        yield sse(chunk_head | {"choices": [choice(event[1], event[2])]})
-                    else:
-                        generated += event[3]
-                        yield sse(chunk_head | {"choices": [choice(event[1], reason=event[2])]})
+                try:
+                    async for event in events(job):
+                        if event[0] == "text":
+                            yield sse(chunk_head | {"choices": [choice(event[1], event[2])]})
+                        else:
+                            generated += event[3]
+                            yield sse(chunk_head | {"choices": [choice(event[1], reason=event[2])]})
+                except APIError as e:  # the status is sent already: the error goes in the stream
+                    yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                    return
                 if with_usage:
                     yield sse(chunk_head | {"choices": [], "usage": usage(prompt_tokens, generated)})
                 yield format_sse_event(data_str="[DONE]")

@@ -156,9 +156,16 @@ class Job:
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set by the request when its client goes; the engine drops the rows
     left: int = 0  # rows not ended yet (the engine's count)
+    outbox: collections.deque = field(default_factory=collections.deque)  # events not yet handed over
 
     def emit(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """Queue an event; the engine hands a step's events to the event loop together."""
+        self.outbox.append(event)
+
+    def deliver(self):
+        """Called in the event loop: the queued events, in order."""
+        while self.outbox:
+            self.events.put_nowait(self.outbox.popleft())
 
 
 @dataclass
@@ -239,6 +246,7 @@ class Engine:
                     admit = []
                 if rows:
                     logits = self._step(rows, cache, logits)
+                self._hand_over(rows, admit)
             except Exception as e:  # noqa: BLE001 - one failed step must not stop the server
                 log.exception("decoding failed")
                 message = f"generation failed ({type(e).__name__})"
@@ -249,7 +257,16 @@ class Engine:
                 for job in admit:  # taken from the queue, not yet rows
                     job.emit("error", 0, message)
                     self._release(job)
+                self._hand_over(rows, admit)
                 rows, cache, logits, admit = [], None, None, []
+
+    @staticmethod
+    def _hand_over(rows: list[Row], jobs: list[Job]):
+        """Give each job's queued events to its event loop: one wake-up per job and step, not
+        one per token (the engine thread and the event loop share the interpreter)."""
+        for job in {id(j): j for j in [r.job for r in rows] + list(jobs)}.values():
+            if job.outbox:
+                job.loop.call_soon_threadsafe(job.deliver)
 
     def _receive(self, block: bool):
         """Move what arrived into `waiting`; when idle, wait for a job and then `batch_wait`

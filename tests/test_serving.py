@@ -280,6 +280,31 @@ def test_evaluate_compares_a_served_model_like_a_checkpoint(server, tmp_path, mo
     assert e.value.code == 2 and "has no model `nope`; it has tiny" in err and not (tmp_path / "bad").exists()
 
 
+def test_over_max_concurrent_is_429_until_a_slot_is_freed(tmp_path):
+    model = load(tiny_checkpoint(tmp_path), kind="lm").eval()
+    url, srv, thread = serve(build_app(model, get_tokenizer(), ServerSettings(model_name="one", max_concurrent=1)))
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        first = c.completions.create(model="one", prompt="Go on", max_tokens=120, stream=True)
+        next(iter(first))  # in flight
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model="one", prompt="Me too", max_tokens=2)
+        assert e.value.body["code"] == "rate_limit_exceeded"
+        first.close()  # the client goes: its slot is freed at the next decode step
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                assert c.completions.create(model="one", prompt="Me too", max_tokens=2).choices[0].finish_reason
+                break
+            except openai.RateLimitError:
+                time.sleep(0.02)
+        else:
+            pytest.fail("the slot was never freed")
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-p", "x", "--port", "70000"], "argument --port: must be a port number"),
     (["-p", "x", "--max-batch", "0"], "argument --max-batch: must be >= 1"),

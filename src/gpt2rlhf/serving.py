@@ -342,7 +342,7 @@ class Engine:
         for job in jobs:
             for i in range(len(job.rows)):
                 g = torch.Generator(self.device)
-                g.manual_seed(job.seed + i if job.seed is not None else secrets.randbits(63))
+                g.manual_seed((job.seed + i) % 2 ** 63 if job.seed is not None else secrets.randbits(63))
                 new_rows.append(Row(job, i, TextStream(self.enc, job.stop, job.lstrip), g))
         ids, mask = left_pad([p for job in jobs for p in job.rows], EOT_TOKEN)
         ids, mask = ids.to(self.device), mask.to(self.device)

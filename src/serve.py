@@ -82,6 +82,8 @@ def main(argv=None):
                               max_batch=args.max_batch, batch_wait=args.batch_wait,
                               max_concurrent=args.max_concurrent, max_tokens_limit=args.max_tokens_limit,
                               max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host}, reachable from other machines, without --api-key", file=sys.stderr)
     print(f"serving {source} as model `{settings.model_name}` at http://{args.host}:{args.port}/ "
           f"(API: http://{args.host}:{args.port}/v1)", flush=True)
     uvicorn.run(build_app(model, enc, settings), host=args.host, port=args.port, log_level="warning")

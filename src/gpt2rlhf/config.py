@@ -858,7 +858,7 @@ class ServeOptions:
     max_batch: int = 32
     """Most sequences decoded together in one batch."""
     batch_wait: float = 0.01
-    """Seconds a new batch waits for more requests after its first one arrives."""
+    """Seconds an idle server waits, after a first request, for others sent with it (later ones join the running batch)."""
     max_concurrent: int = 128
     """Most requests admitted at once (waiting or decoding); more get 429."""
     max_tokens_limit: int = 512

@@ -188,8 +188,9 @@ class Engine:
     Rows join at any step: the waiting jobs' prompts are prefilled together in a cache of
     their own, which is then laid next to the running one, both right-aligned at the same
     column (the shorter side padded on the left, masked; positions come from the mask, so
-    padding never shifts them). Finished rows leave the batch at the next step, and columns
-    no remaining row uses are cut from the left, so the cache stays as short as its rows.
+    padding never shifts them). Finished rows leave the batch at the next step; when rows join,
+    the columns no remaining row uses are cut from the left, so the cache stays about as long
+    as its longest row.
     A job that does not fit (`max_batch` rows, or the padded length plus the tokens still to
     come exceeding the context) waits, and so do the jobs behind it (first come, first served)."""
 

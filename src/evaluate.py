@@ -6,11 +6,20 @@ Usage, from src/ (or from the repository root as python src/evaluate.py):
     python evaluate.py -m A -m B --base-url http://127.0.0.1:8000/v1 --judge-model llama3
     python evaluate.py -m A -m B --dry-run          # a sample judging prompt and the request count
     python evaluate.py -m A -m B --no-judge         # offline metrics only
+    python evaluate.py -m openai:http://127.0.0.1:8000/v1#ppo -m ../runs/sft_hh_<time> --no-judge  # a served model
     python evaluate.py --config ../configs/imdb/eval.yaml -m ../runs/ppo_imdb_<time> -m ../runs/sft_imdb_<time> \
         --reward-model ../runs/rm_imdb_<time> --no-judge    # the IMDB experiment's report
 
 Models (-m, two or more): our checkpoints or run folders (a PPO run gives its actor), Hugging
-Face folders or hub names. Prompts: --prompts (a file or hub dataset; HH-RLHF's test split by
+Face folders or hub names, or a model behind an OpenAI-compatible server, written
+openai:<base url>#<model name> (ours, python src/serve.py, or any other: llama.cpp, vLLM),
+e.g. -m openai:http://127.0.0.1:8000/v1#sft; its key, if it wants one, from $SERVED_API_KEY.
+A served model answers each prompt's text through /v1/completions with the same settings
+(seed + the prompt's index) and its text is read back as GPT-2 tokens; its responses are
+cached under its URL and name (delete responses_<label>.json after changing what it
+serves). The metrics that need its token log-probs (KL to the reference) are left out for
+it, as are KL and perplexity altogether when the reference would be a served model (give a
+local --reference); the report says so. Prompts: --prompts (a file or hub dataset; HH-RLHF's test split by
 default), --num-prompts N (a seeded subset). Each model samples with the same settings and
 seed; responses are cached in the output folder. Judge: --judge-model, --base-url, the key
 from OPENAI_API_KEY or --key-file (the original tool's openai.key JSON works; a local server
@@ -45,8 +54,9 @@ from gpt2rlhf.loading import CheckpointError, load, load_reward_model  # noqa: E
 from gpt2rlhf.config import (ConfigError, DataArgs, EvalOptions, option_name, parse_options,  # noqa: E402
                              resolve_input, resolve_output)
 from gpt2rlhf.data import DataError, load_records, prompt_examples  # noqa: E402
-from gpt2rlhf.evaluation.metrics import (SamplingSettings, bar_chart, cached_responses, distinct_n,  # noqa: E402
-                                 model_identity, summed_logprobs, reward_scores, sample_table)
+from gpt2rlhf.evaluation.metrics import (SamplingSettings, bar_chart, cached_responses, check_served,  # noqa: E402
+                                 distinct_n, is_served, model_identity, parse_served, reward_scores, sample_table,
+                                 served_responses, summed_logprobs)
 from gpt2rlhf.evaluation.judge import Judge, JudgeError, JudgeSettings, resolve_api_key, win_rate  # noqa: E402
 from gpt2rlhf.runs import run_of  # noqa: E402
 from gpt2rlhf.tokenizer import EOT_TOKEN, TokenizerError, get_tokenizer, response_text  # noqa: E402
@@ -117,10 +127,10 @@ def default_names(sources: list[str]) -> list[str]:
     """A label per model: its run folder's name (not step_*/checkpoints), made unique."""
     names = []
     for src in sources:
-        p = run_of(Path(src.rstrip("/")))
-        name, n = p.name or src, 2
+        base = parse_served(src)[1] if is_served(src) and "#" in src else run_of(Path(src.rstrip("/"))).name or src
+        name, n = base, 2
         while name in names:
-            name, n = f"{p.name}-{n}", n + 1
+            name, n = f"{base}-{n}", n + 1
         names.append(name)
     return names
 
@@ -155,6 +165,12 @@ def check_sources(args, prompts: list[list[int]], enc) -> None:
         if (src, kind) in seen:
             continue
         seen.add((src, kind))
+        if is_served(src):  # its server checks the lengths; here: it answers and has the model
+            if option != "-m":
+                raise ValueError(f"{option} {src}: must be a local model (its token scores are needed); "
+                                 f"a served model can only be a -m")
+            check_served(src)
+            continue
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op"
             try:
@@ -220,8 +236,12 @@ def run(args) -> Path:
             return model
         return load
 
+    def sampler(src):
+        return (lambda: served_responses(src, prompts, s, enc)) if is_served(src) else None
+
     responses = {name: cached_responses(out / f"responses_{name}.json", name, loader(src, name), prompts, s,
-                                        args.device, model_identity(resolve_input(src)))
+                                        args.device, src if is_served(src) else model_identity(resolve_input(src)),
+                                        sampler(src))
                  for name, src in zip(names, args.model)}
 
     # 3. offline metrics
@@ -236,28 +256,8 @@ def run(args) -> Path:
             metrics[name]["rm_score"] = sum(scores) / len(scores)
         del rm
     ref_source = args.reference or args.model[-1]
-    reference = load_source(ref_source, "--reference" if args.reference else "-m").to(args.device).eval()
-    ref_lp = {}  # at the sampling temperature (for KL) and at 1 (for perplexity); EOS masked as in sampling
-    for temp in {s.temperature, 1.0}:
-        ref_lp[temp] = {name: summed_logprobs(reference, prompts, rs, args.device, args.batch_size, temp,
-                                                s.min_new_tokens)
-                        for name, rs in responses.items()}
-    for name, src in zip(names, args.model):
-        ref_sum, _ = ref_lp[s.temperature][name]
-        if resolve_input(src) == resolve_input(ref_source):  # the reference itself: its log-probs are known
-            lp = ref_sum
-        else:
-            model = load_source(src, "-m").to(args.device).eval()
-            if model.config.vocab_size != reference.config.vocab_size:
-                raise ValueError(f"{name} and the reference {ref_source} have different vocabularies "
-                                 f"({model.config.vocab_size} vs {reference.config.vocab_size}): not the same tokenizer")
-            lp, _ = summed_logprobs(model, prompts, responses[name], args.device, args.batch_size, s.temperature,
-                                      s.min_new_tokens)
-            del model
-        metrics[name]["kl_to_reference"] = sum(a - b for a, b in zip(lp, ref_sum)) / len(lp)
-        nll, count = ref_lp[1.0][name]
-        metrics[name]["reference_perplexity"] = math.exp(-sum(nll) / max(1, sum(count)))
-    del reference
+    if not is_served(ref_source):
+        kl_and_perplexity(args, names, prompts, responses, metrics, s, ref_source)
     sentiment = None
     if sentiment_judge is not None:
         sentiment = sentiment_scores(*sentiment_judge, args, prompts, responses, enc, metrics)
@@ -291,6 +291,36 @@ def run(args) -> Path:
     write_report(out, names, metrics, comparisons, args, samples, sentiment)
     print((out / "report.md").read_text())
     return out
+
+
+def kl_and_perplexity(args, names, prompts, responses, metrics, s, ref_source):
+    """KL to the reference (each local model's log-probs of its responses against the
+    reference's) and the responses' perplexity under the reference, into `metrics`; a
+    served model gets the perplexity only (its log-probs are not ours to compute)."""
+    reference = load_source(ref_source, "--reference" if args.reference else "-m").to(args.device).eval()
+    ref_lp = {}  # at the sampling temperature (for KL) and at 1 (for perplexity); EOS masked as in sampling
+    for temp in {s.temperature, 1.0}:
+        ref_lp[temp] = {name: summed_logprobs(reference, prompts, rs, args.device, args.batch_size, temp,
+                                                s.min_new_tokens)
+                        for name, rs in responses.items()}
+    for name, src in zip(names, args.model):
+        ref_sum, _ = ref_lp[s.temperature][name]
+        nll, count = ref_lp[1.0][name]
+        metrics[name]["reference_perplexity"] = math.exp(-sum(nll) / max(1, sum(count)))
+        if is_served(src):
+            continue
+        if resolve_input(src) == resolve_input(ref_source):  # the reference itself: its log-probs are known
+            lp = ref_sum
+        else:
+            model = load_source(src, "-m").to(args.device).eval()
+            if model.config.vocab_size != reference.config.vocab_size:
+                raise ValueError(f"{name} and the reference {ref_source} have different vocabularies "
+                                 f"({model.config.vocab_size} vs {reference.config.vocab_size}): not the same tokenizer")
+            lp, _ = summed_logprobs(model, prompts, responses[name], args.device, args.batch_size, s.temperature,
+                                      s.min_new_tokens)
+            del model
+        metrics[name]["kl_to_reference"] = sum(a - b for a, b in zip(lp, ref_sum)) / len(lp)
+    del reference
 
 
 def fit_sentiment(args):
@@ -338,8 +368,7 @@ def write_report(out: Path, names, metrics, comparisons, args, samples=None, sen
     cols = [c for c in cols if any(c in m for m in metrics.values())]
     lines = ["# Evaluation", "", f"{args.num_prompts} prompts from `{args.prompts}`; sampling: temperature "
              f"{args.temperature}, top-k {args.top_k}, top-p {args.top_p}, {args.min_new_tokens} to {args.max_new_tokens} "
-             f"new tokens, seed {args.seed}. KL (nats per response, k1) and perplexity are measured against "
-             f"`{args.reference or args.model[-1]}`.", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             f"new tokens, seed {args.seed}. " + kl_note(args), "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{metrics[name][c]:.4f}" if c in metrics[name] else "-"
                                                for c in cols) + " |")
@@ -372,6 +401,21 @@ def write_report(out: Path, names, metrics, comparisons, args, samples=None, sen
     for name, c in comparisons.items():
         writer.add_scalar(f"judge/{name.replace(' ', '_')}/win_rate", c["win_rate"], 0)
     writer.close()
+
+
+def kl_note(args) -> str:
+    """What the report says about KL and perplexity, served models included."""
+    ref = args.reference or args.model[-1]
+    served = [n for n, src in zip(getattr(args, "labels", None) or default_names(args.model), args.model)
+              if is_served(src)]
+    if is_served(ref):
+        return (f"KL and perplexity are not measured: the reference `{ref}` is a served model (its token "
+                f"log-probs are not available here); give a local --reference to have them.")
+    note = f"KL (nats per response, k1) and perplexity are measured against `{ref}`."
+    if served:
+        note += (f" Served models ({', '.join(served)}): no KL (it needs their token log-probs); their responses "
+                 f"are their text read back as GPT-2 tokens.")
+    return note
 
 
 def main(argv=None):

@@ -96,7 +96,7 @@ LAYERS = {  # docs/architecture.md's table: a module imports only its own layer 
     3: {"runs"},
     4: {"loading"},
     5: {"stages", "stages.common", "stages.sft", "stages.rm", "stages.ppo", "stages.grpo", "stages.dpo", "rewards",
-        "inspector", "evaluation",
+        "inspector", "chat", "serving", "evaluation",
         "evaluation.metrics",
         "evaluation.sentiment"},
 }

@@ -995,3 +995,55 @@ def load_yaml(path: str | Path) -> dict:
 
 def save_config(cfg, path: Path):
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ------------------------------------------------------------------ chat.py and serve.py
+
+@dataclass
+class ChatOptions:
+    """Every option of chat.py."""
+
+    pretrain: str | None = None
+    """Our checkpoint or run folder (a PPO run gives its actor), a Hugging Face folder, or a hub name."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy); /temperature changes it."""
+    top_p: float = 0.9
+    """Nucleus sampling (1: off); /top_p changes it."""
+    max_tokens: int = 128
+    """Longest reply, in tokens; /max_tokens changes it."""
+    seed: int = 0
+    """Seed of sampling."""
+    verbose: bool = False
+    """After each reply, print the tokens the turn fed through the model and the cache's fill."""
+    device: str = _default_device()
+    """cpu | cuda | cuda:N | mps."""
+
+
+@dataclass
+class ServeOptions:
+    """Every option of serve.py."""
+
+    pretrain: str | None = None
+    """Our checkpoint or run folder (a PPO run gives its actor), a Hugging Face folder, or a hub name."""
+    model_name: str | None = None
+    """The name clients give as `model` (default: the folder or hub name of --pretrain)."""
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface; then set --api-key)."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = None
+    """Require `Authorization: Bearer <key>` on /v1 (default: no key)."""
+    max_batch: int = 32
+    """Most sequences decoded together in one batch."""
+    batch_wait: float = 0.01
+    """Seconds an idle server waits, after a first request, for others sent with it (later ones join the running batch)."""
+    max_concurrent: int = 128
+    """Most requests admitted at once (waiting or decoding); more get 429."""
+    max_tokens_limit: int = 512
+    """Largest max_tokens a request may ask for (also the chat default, within the context)."""
+    max_prompt_tokens: int = 0
+    """Longest prompt in tokens (0: the model's context less one token)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body; more gets 413."""
+    device: str = _default_device()
+    """cpu | cuda | cuda:N | mps."""

@@ -27,13 +27,14 @@ class Generation:
     logprobs: torch.Tensor  # (B, N) log-probability of each token; 0 where mask is 0
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top k, then outside the smallest set whose
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2019). (B, V) -> (B, V)"""
+    probability reaches top_p (nucleus sampling, Holtzman et al. 2019). (B, V) -> (B, V).
+    top_p may be a (B, 1) tensor, one value per row (the server's batch)."""
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if torch.is_tensor(top_p) or top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # the mass before this token already reaches top_p
@@ -179,3 +180,34 @@ def generate(
                 logits = model(tokens[:, t : t + 1], attention_mask=step_mask, cache=cache)[:, -1]
     n = t + 1
     return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])
+
+
+def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One next token per row of logits (B, V), each row with its own settings and random
+    generator: the rows of a server's batch belong to different requests, and a request's
+    `seed` must give the same sample whoever else shares its batch. Temperature 0 is greedy.
+    Same sampler as `generate` (softmax(logits / T), top-k, top-p, inverse-CDF draw), run on
+    all sampled rows at once (one softmax, one sort for the top-p rows); only the uniform
+    draws are per row, each from its row's generator."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, t in enumerate(temperatures) if t > 0]
+    if not rows:
+        return tokens
+    index = torch.tensor(rows, device=logits.device)
+    temps = torch.tensor([temperatures[i] for i in rows], device=logits.device)[:, None]
+    logp = F.log_softmax(logits[index] / temps, dim=-1)  # (R, V)
+    for r, i in enumerate(rows):
+        if top_ks[i] > 0:
+            logp[r:r + 1] = filter_logits(logp[r:r + 1], top_k=top_ks[i])
+    nucleus = [r for r, i in enumerate(rows) if top_ps[i] < 1.0]
+    if nucleus:
+        top_p = torch.tensor([top_ps[rows[r]] for r in nucleus], device=logits.device)[:, None]
+        logp[nucleus] = filter_logits(logp[nucleus], top_p=top_p)
+    probs = F.softmax(logp, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, device=logits.device, generator=generators[i]) for i in rows])[:, None]
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
+    tokens[index] = picked
+    return tokens

@@ -89,3 +89,59 @@ def response_text(enc, tokens, mask=None) -> str:
     tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
     keep = mask.tolist() if hasattr(mask, "tolist") else (mask if mask is not None else [1] * len(tokens))
     return enc.decode([t for t, k in zip(tokens, keep) if k and t != EOT_TOKEN])
+
+
+class TextStream:
+    """Sampled tokens -> text that is safe to show as it comes, for streaming (the chat
+    command, the server).
+
+    Two things make a token's text unsafe to show at once. GPT-2's tokens are bytes: one
+    character (an emoji, an accented letter) can span tokens, so bytes are decoded by an
+    incremental UTF-8 decoder that holds back an unfinished character. And a stop string
+    (e.g. "\\n\\nHuman:") can span tokens: text that could still be the start of one is held
+    back until it is known not to be. `push(token)` gives the text that became safe;
+    `stopped` says a stop string was reached (its text and what follows are never shown);
+    `flush()` gives what is held back once the generation ends for another reason.
+    `lstrip` drops the whitespace a reply starts with ("Assistant: Hi" -> "Hi")."""
+
+    def __init__(self, enc, stop: list[str] | tuple[str, ...] = (), lstrip: bool = False):
+        import codecs
+
+        self.enc, self.stop = enc, [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # everything decoded so far (after lstrip), stop string included
+        self.shown = 0  # characters of self.text already given out
+        self.stopped = False
+        self.lstrip = lstrip
+
+    def push(self, token: int) -> str:
+        """The text that token `token` makes safe to show ("" if none); nothing once stopped."""
+        if self.stopped:
+            return ""
+        piece = self.decoder.decode(self.enc.decode_single_token_bytes(token))
+        self.text += piece.lstrip() if self.lstrip and not self.text else piece
+        # a stop string can only end inside the new piece; look back as far as the longest one reaches
+        start = max(0, len(self.text) - len(piece) - max((len(s) for s in self.stop), default=0))
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self._held_back())
+
+    def flush(self) -> str:
+        """Everything still held back (an unfinished character shows as U+FFFD)."""
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+        return self._take(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        for n in range(min(len(self.text), max((len(s) for s in self.stop), default=0)), 0, -1):
+            if any(s.startswith(self.text[-n:]) for s in self.stop):
+                return n
+        return 0
+
+    def _take(self, end: int) -> str:
+        end = max(end, self.shown)
+        out, self.shown = self.text[self.shown:end], end
+        return out

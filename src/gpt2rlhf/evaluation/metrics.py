@@ -91,10 +91,11 @@ def model_identity(source: str) -> str:
 
 
 def cached_responses(path: Path, label: str, load_model, prompts, s: SamplingSettings, device,
-                     model_id: str = "") -> list[list[int]]:
+                     model_id: str = "", sampler=None) -> list[list[int]]:
     """Responses from `path` if the same model (model_id) made them with the same prompts and
-    settings, else sampled (loading the model only then) and written there, atomically. An
-    unreadable cache (from an older version, or damaged) is sampled again, saying so."""
+    settings, else sampled (loading the model only then; or by `sampler()`, a served model)
+    and written there, atomically. An unreadable cache (from an older version, or damaged)
+    is sampled again, saying so."""
     key = {"model": model_id, "settings": asdict(s), "prompts": prompts}
     if path.is_file():
         try:
@@ -104,9 +105,89 @@ def cached_responses(path: Path, label: str, load_model, prompts, s: SamplingSet
             cached = {}
         if isinstance(cached, dict) and cached.get("key") == key:
             return cached["responses"]
-    responses = sample_responses(load_model().to(device).eval(), prompts, s, device)
+    if sampler is not None:
+        responses = sampler()
+    else:
+        responses = sample_responses(load_model().to(device).eval(), prompts, s, device)
     write_atomic(path, json.dumps({"label": label, "key": key, "responses": responses}))
     return responses
+
+
+# ------------------------------------------------------------------ models behind an OpenAI-compatible server
+
+SERVED = "openai:"  # -m openai:<base url>#<model name>
+SERVED_KEY_ENV = "SERVED_API_KEY"  # the served models' key, if their server wants one
+
+
+class ServedModelError(ValueError):
+    """A served model that cannot be reached or asked; the message names it."""
+
+
+def is_served(source: str | None) -> bool:
+    return bool(source) and str(source).startswith(SERVED)
+
+
+def parse_served(source: str) -> tuple[str, str]:
+    """`openai:http://127.0.0.1:8000/v1#name` -> (base url, model name)."""
+    url, _, name = source[len(SERVED):].partition("#")
+    if not url.startswith(("http://", "https://")) or not name:
+        raise ServedModelError(f"{source}: a served model is written openai:<base url>#<model name>, e.g. "
+                               f"openai:http://127.0.0.1:8000/v1#sft")
+    return url, name
+
+
+def served_client(source: str, timeout: float = 600.0):
+    """An openai client for the server of `source` (the key from $SERVED_API_KEY, else none)."""
+    import os
+
+    import openai
+
+    url, _ = parse_served(source)
+    return openai.OpenAI(base_url=url, api_key=os.environ.get(SERVED_KEY_ENV) or "none", max_retries=2,
+                         timeout=timeout)
+
+
+def check_served(source: str, option: str = "-m") -> None:
+    """The server answers and has the model: found before anything is sampled."""
+    import openai
+
+    url, name = parse_served(source)
+    try:
+        names = [m.id for m in served_client(source, timeout=30).models.list()]
+    except openai.APIError as e:
+        raise ServedModelError(f"{option} {source}: the server at {url} did not list its models "
+                               f"({type(e).__name__}: {str(e)[:200]}); is it running (python src/serve.py)? "
+                               f"A key goes in ${SERVED_KEY_ENV}") from None
+    if name not in names:
+        raise ServedModelError(f"{option} {source}: the server at {url} has no model `{name}`; it has "
+                               f"{', '.join(names) or 'none'}")
+
+
+def served_responses(source: str, prompts: list[list[int]], s: SamplingSettings, enc) -> list[list[int]]:
+    """Responses of a served model, in the form sample_responses gives (GPT-2 token ids, EOS
+    last when it stopped by itself): each prompt's text sent to /v1/completions with the same
+    settings, seed + the prompt's index, `batch_size` requests in flight (our server decodes
+    them in one batch). top_k and min_new_tokens travel as vLLM's `top_k` / `min_tokens`
+    extensions; a server that does not know them ignores them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client, (url, name) = served_client(source), parse_served(source)
+    extra = {k: v for k, v in (("top_k", s.top_k), ("min_tokens", s.min_new_tokens)) if v}
+
+    def one(i: int) -> list[int]:
+        r = client.completions.create(model=name, prompt=enc.decode(prompts[i]), max_tokens=s.max_new_tokens,
+                                      temperature=s.temperature, top_p=s.top_p, seed=s.seed + i,
+                                      extra_body=extra or None)
+        choice = r.choices[0]
+        return enc.encode(choice.text, disallowed_special=()) + ([EOT_TOKEN] if choice.finish_reason == "stop" else [])
+
+    try:
+        with ThreadPoolExecutor(max(1, s.batch_size)) as pool:
+            return list(pool.map(one, range(len(prompts))))
+    except openai.APIError as e:
+        raise ServedModelError(f"-m {source}: a request failed ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def _batches(prompts, responses, batch_size):

@@ -111,7 +111,7 @@ class ChatSession:
         """The model's reply to `message`, each piece of text passed to `on_text` as soon as
         it is safe to show; the turn is kept in the history (and the cache)."""
         stats = TurnStats()
-        prompt = self.enc.encode(human_turn(message))
+        prompt = self.enc.encode(human_turn(message), disallowed_special=())  # '<|endoftext|>' typed is text
         self._make_room(len(prompt), stats)
         start = self.cache.pos
         logits = self._feed(prompt)
@@ -119,6 +119,7 @@ class ChatSession:
         stream = TextStream(self.enc, [HUMAN], lstrip=False)
         s, generated, text = self.settings, [], []
         for _ in range(s.max_tokens):
+            logits = logits[:self.enc.n_vocab]  # a vocabulary padded past the tokenizer's: never sampled
             token = int(sample_rows(logits[None], [s.temperature], [s.top_k], [s.top_p], [self.generator])[0])
             stats.generated_tokens += 1
             if token == EOT_TOKEN:
@@ -154,7 +155,7 @@ class ChatSession:
         while n < len(generated) and target.startswith(self.enc.decode_bytes(generated[:n + 1])):
             n += 1
         rest = target[len(self.enc.decode_bytes(generated[:n])):].decode("utf-8", errors="replace")
-        return generated[:n] + (self.enc.encode(rest) if rest else [])
+        return generated[:n] + (self.enc.encode(rest, disallowed_special=()) if rest else [])
 
 
 HELP = """commands: /reset (forget the conversation), /temperature X, /top_p X, /max_tokens N,

@@ -192,7 +192,7 @@ def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ks: list[in
     draws are per row, each from its row's generator."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    rows = [i for i, t in enumerate(temperatures) if t > 0]
+    rows = [i for i, t in enumerate(temperatures) if t > 1e-5]  # below: greedy (vLLM's _SAMPLING_EPS)
     if not rows:
         return tokens
     index = torch.tensor(rows, device=logits.device)

@@ -126,7 +126,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise self.too_large()  # inside the route: answered by the APIError handler
+                raise StarletteHTTPException(413, self.too_large().message)  # FastAPI re-raises HTTPExceptions
             return message
 
         await self.app(scope, counted, send)
@@ -151,6 +151,7 @@ class Job:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_tokens: int = 0
     lstrip: bool = False  # chat: the reply's first whitespace ("Assistant: Hi") is not content
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -385,6 +386,11 @@ class Engine:
         """Sample one token for every row, send what became text, end the rows that are
         done, then run the batch's tokens through the model: the next logits."""
         jobs = [r.job for r in rows]
+        logits = logits[:, :self.enc.n_vocab]  # a vocabulary padded past the tokenizer's: never sampled
+        young = [i for i, r in enumerate(rows) if r.count < r.job.min_tokens]
+        if young:
+            logits = logits.clone()
+            logits[young, EOT_TOKEN] = float("-inf")  # min_tokens: no EOS yet
         tokens = sample_rows(logits, [j.temperature for j in jobs], [j.top_k for j in jobs],
                              [j.top_p for j in jobs], [r.generator for r in rows])
         self.stats["steps"] += 1
@@ -421,6 +427,7 @@ class Engine:
 
 class CompletionRequest(BaseModel):
     model: str
+    min_tokens: int | None = Field(None, ge=0)
     prompt: str | list[str] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -440,7 +447,7 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]  # a string, or OpenAI's list of content parts (text only)
 
     @property
@@ -450,6 +457,7 @@ class Message(BaseModel):
 
 class ChatRequest(BaseModel):
     model: str
+    min_tokens: int | None = Field(None, ge=0)
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
@@ -467,9 +475,9 @@ class ChatRequest(BaseModel):
 def transcript(messages: list[Message]) -> str:
     """Chat messages as the HH-RLHF transcript, ending where the assistant's reply begins.
     System messages (HH has none) go first, as plain text."""
-    text = "\n\n".join(m.text.strip() for m in messages if m.role == "system")
+    text = "\n\n".join(m.text.strip() for m in messages if m.role in ("system", "developer"))
     for m in messages:
-        if m.role != "system":
+        if m.role not in ("system", "developer"):
             text += f"{HUMAN if m.role == 'user' else ASSISTANT} {m.text.strip()}"
     return text + ASSISTANT
 
@@ -529,7 +537,7 @@ def build_app(model, enc, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"n x prompts = {n * len(prompts)} exceeds this server's batch of "
                                 f"{settings.max_batch} sequences", param="n")
         longest = max(len(p) for p in prompts)
-        if longest == 0:
+        if min(len(p) for p in prompts) == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
         if longest > max_prompt:
             raise APIError(400, f"the prompt is {longest} tokens; this model takes at most {max_prompt} "
@@ -552,7 +560,7 @@ def build_app(model, enc, settings: ServerSettings) -> FastAPI:
         return engine.submit(Job(rows=[p for p in prompts for _ in range(n)], max_tokens=max_tokens,
                                  temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
                                  top_k=body.top_k or 0, stop=stop + ([HUMAN] if chat else []), seed=body.seed,
-                                 lstrip=chat))
+                                 min_tokens=min(body.min_tokens or 0, max_tokens), lstrip=chat))
 
     async def events(job: Job):
         """The job's events until every row has ended; the job is cancelled if the request
@@ -572,7 +580,7 @@ def build_app(model, enc, settings: ServerSettings) -> FastAPI:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def respond(job: Job, body, prompt_tokens: int, kind: Literal["text", "chat"]):
+    async def respond(job: Job, body, prompt_tokens: int, kind: Literal["text", "chat"], request=None):
         """The whole answer as one JSON object, or (stream) its events as SSE chunks."""
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -612,12 +620,23 @@ def build_app(model, enc, settings: ServerSettings) -> FastAPI:
             return EventSourceResponse(stream(), headers={"Cache-Control": "no-cache"})
 
         texts, reasons, generated = [""] * len(job.rows), [None] * len(job.rows), 0
-        async for event in events(job):
-            if event[0] == "text":
-                texts[event[1]] += event[2]
-            else:
-                reasons[event[1]] = event[2]
-                generated += event[3]
+
+        async def watch():  # a client that goes away frees its rows at the next decode step
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancelled = True
+
+        watcher = asyncio.create_task(watch()) if request is not None else None
+        try:
+            async for event in events(job):
+                if event[0] == "text":
+                    texts[event[1]] += event[2]
+                else:
+                    reasons[event[1]] = event[2]
+                    generated += event[3]
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         if kind == "text":
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -632,19 +651,19 @@ def build_app(model, enc, settings: ServerSettings) -> FastAPI:
                                             "owned_by": "gpt2rlhf", "context_length": block}]}
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        encoded = [enc.encode(p) for p in prompts]
+        encoded = [enc.encode(p, disallowed_special=()) for p in prompts]
         job = make_job(encoded, body, 16, chat=False)  # 16: OpenAI's default max_tokens for completions
-        return await respond(job, body, sum(len(p) for p in encoded), "text")
+        return await respond(job, body, sum(len(p) for p in encoded), "text", request)
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        prompt = enc.encode(transcript(body.messages))
+        prompt = enc.encode(transcript(body.messages), disallowed_special=())
         job = make_job([prompt], body, None, chat=True)
-        return await respond(job, body, len(prompt), "chat")
+        return await respond(job, body, len(prompt), "chat", request)
 
     app.include_router(v1)
 

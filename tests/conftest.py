@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the tests also run without `pip install -e .`
 
 from gpt2rlhf.model import GPT, GPTConfig  # noqa: E402
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # several workers share the cores: one torch thread each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture

@@ -10,8 +10,13 @@ sys.path.insert(0, str(ROOT / "src"))  # the tests also run without `pip install
 
 from gpt2rlhf.model import GPT, GPTConfig  # noqa: E402
 
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # several workers share the cores: one torch thread each
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # several workers share the cores: cores / workers torch threads each, in the worker and in
+    # the stages it starts (the same thread count in and out of process: a run resumed in a
+    # subprocess then sums in the same order as the uninterrupted one, bit for bit)
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

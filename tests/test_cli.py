@@ -17,7 +17,7 @@ COMMANDS = {"sft": "training/train_sft.py", "rm": "training/train_rm.py", "ppo":
 # a field's docstring, and an option, that each command's --help must show
 HELP_SHOWS = {
     "sft": ("Peak learning rate.", "-n EXP_NAME, --exp-name EXP_NAME", "--resume [RUN_DIR]", "-p PRETRAIN"),
-    "rm": ("Examples per forward pass; batch_size / micro_batch_size steps are accumulated.", "-b BATCH_SIZE"),
+    "rm": ("Examples per forward pass (in each process, under torchrun); the rest are accumulated.", "-b BATCH_SIZE"),
     "ppo": ("beta of the per-token KL penalty (the start value when adaptive).", "-a ACTOR", "-c CRITIC"),
     "evaluate": ("Offline metrics only: no LLM judge.", "-m MODEL, --model MODEL", "--no-judge"),
     "sample": ("Samples per prompt.", "-p PRETRAIN, --pretrain PRETRAIN", "--demo"),

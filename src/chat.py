@@ -20,10 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # src/, for runs without pip install
 
-import torch  # noqa: E402
-
 from gpt2rlhf.chat import ChatSession, Settings, run_terminal  # noqa: E402
-from gpt2rlhf.config import ChatOptions, ConfigError, parse_options, resolve_input  # noqa: E402
+from gpt2rlhf.config import ChatOptions, ConfigError, check_device, parse_options, resolve_input  # noqa: E402
 from gpt2rlhf.loading import CheckpointError, load  # noqa: E402
 from gpt2rlhf.tokenizer import TokenizerError, get_tokenizer  # noqa: E402
 
@@ -41,13 +39,7 @@ def check_options(args) -> None:
             raise ConfigError(f"argument {flag}: {problem}, got {getattr(args, flag[2:].replace('-', '_'))!r}")
     if not args.pretrain:
         raise ConfigError("give -p/--pretrain: our checkpoint or run folder, a Hugging Face folder or a hub name")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"argument --device: not a device name, got {args.device!r} (cpu, cuda, cuda:1, mps)") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"argument --device: {args.device!r}, but no CUDA GPU is available")
+    check_device(args.device)
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from gpt2rlhf.checkpoint import save_checkpoint, step_dir  # noqa: E402
 from gpt2rlhf.loading import CheckpointError, load  # noqa: E402
-from gpt2rlhf.config import ConfigError, SampleOptions, parse_options, resolve_input  # noqa: E402
+from gpt2rlhf.config import ConfigError, check_device, SampleOptions, parse_options, resolve_input  # noqa: E402
 from gpt2rlhf.generation import generate  # noqa: E402
 from gpt2rlhf.hf import export_hf  # noqa: E402
 from gpt2rlhf.model import GPT, GPTConfig  # noqa: E402
@@ -62,13 +62,7 @@ def check_options(args) -> None:
     for i, prompt in enumerate(args.prompt or []):
         if not prompt:
             raise ConfigError(f"argument --prompt: prompt {i + 1} is empty; give some text to continue")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"argument --device: not a device name, got {args.device!r} (cpu, cuda, cuda:1, mps)") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"argument --device: {args.device!r}, but no CUDA GPU is available")
+    check_device(args.device)
 
 
 def main(argv=None):

@@ -23,9 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # src/, for runs without pip install
 
-import torch  # noqa: E402
-
-from gpt2rlhf.config import ConfigError, ServeOptions, parse_options, resolve_input  # noqa: E402
+from gpt2rlhf.config import ConfigError, check_device, ServeOptions, parse_options, resolve_input  # noqa: E402
 from gpt2rlhf.loading import CheckpointError, load  # noqa: E402
 from gpt2rlhf.runs import run_of  # noqa: E402
 from gpt2rlhf.tokenizer import TokenizerError, get_tokenizer  # noqa: E402
@@ -49,13 +47,7 @@ def check_options(args) -> None:
         raise ConfigError("give -p/--pretrain: our checkpoint or run folder, a Hugging Face folder or a hub name")
     if args.api_key is not None and not args.api_key:
         raise ConfigError("argument --api-key: give a non-empty key (or leave the option out)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"argument --device: not a device name, got {args.device!r} (cpu, cuda, cuda:1, mps)") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"argument --device: {args.device!r}, but no CUDA GPU is available")
+    check_device(args.device)
 
 
 def default_name(source: str) -> str:

@@ -66,6 +66,19 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name: str, flag: str = "--device"):
+    """A command's device option: a device name torch knows, and CUDA only where there is
+    one (else ConfigError naming the option)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"argument {flag}: not a device name, got {name!r} (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"argument {flag}: {name!r}, but no CUDA GPU is available")
+
+
 def resolve_output(path: str) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else ROOT / p

@@ -26,6 +26,8 @@ STAGE_ARGS = {
                 "--data.max_eval_examples 8",
     "RM_ARGS": "--data.max_eval_examples 8",
     "DPO_ARGS": "--data.max_eval_examples 8",
+    "GRPO_ARGS": "--grpo.mini_batch_size 4 --grpo.normalization_samples 4 --grpo.max_new_tokens 6 "
+                 "--grpo.min_new_tokens 2 --prompts.max_tokens 4 --data.eval_size 4",
     "PPO_ARGS": "--ppo.mini_batch_size 2 --ppo.normalization_samples 4 --ppo.max_new_tokens 6 --ppo.min_new_tokens 2 "
                 "--prompts.max_tokens 4 --data.eval_size 4 --train.save_every 1",
     "EVAL_ARGS": "--num-prompts 6 --batch-size 6 --max-new-tokens 6 --min-new-tokens 2 --samples 2"}
@@ -86,6 +88,13 @@ def test_pipeline_smoke(tmp_path):
     assert [t.split()[0] for t in (ev / "times.txt").read_text().splitlines()] == \
         ["sft", "rm", "dpo", "evaluate", "total"]
     assert (ev / "curves.png").stat().st_size > 1000
+
+    # ALGO=rloo: the critic-free trainer (its leave-one-out form) in place of PPO, from the same SFT and RM
+    run_pipeline(tmp_path, ALGO="rloo", RESUME="1")
+    (grpo,) = runs.glob("grpo_smoke_*")
+    ev = max(runs.glob("eval_smoke_*"))
+    assert "rloo" in json.loads((ev / "summary.json").read_text())["metrics"]
+    assert (ev / "runs.txt").read_text().split() == ["sft", str(sft), "rm", str(rm), "rloo", str(grpo)]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

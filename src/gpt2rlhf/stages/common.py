@@ -4,6 +4,7 @@ exact resume, and the supervised loop SFT and RM both run."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -616,4 +617,8 @@ def cli(cls, stage: str, train: Callable, argv: list[str] | None, usage: str):
         sys.stderr.flush()
         raise SystemExit(2) from None
     finally:
+        # the stage's objects in reference cycles (DDP's reducer holds gloo work and tensors)
+        # freed now, while the interpreter is whole: freed at its finalisation they could
+        # abort a finished run ("terminate called without an active exception", pytorch#179291)
+        gc.collect()
         close_group()  # under torchrun: leave the process group, whatever happened
